@@ -1,0 +1,30 @@
+"""The errors blora_network raises on purpose.
+
+Each message is written for the person at the keyboard: it names the file, the key or the
+pattern at fault and says what to do. The CLI prints ``str(error)`` as one line and exits
+non-zero; sd-scripts shows it as the last line of its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BLoraError", "PresetError", "NetworkArgsError", "LoraFileError", "ModelMismatchError"]
+
+
+class BLoraError(Exception):
+    """Base class: a problem the user can fix, with a message that says how."""
+
+
+class PresetError(BLoraError, ValueError):
+    """A preset name, file, key, value or regex is wrong, or matches nothing."""
+
+
+class NetworkArgsError(BLoraError, ValueError):
+    """A ``--network_args`` value or a ``create_network`` argument is wrong."""
+
+
+class LoraFileError(BLoraError, OSError):
+    """A weights file is missing, not safetensors, truncated, corrupt or of another model."""
+
+
+class ModelMismatchError(BLoraError, ValueError):
+    """The model handed to us is not sd-scripts' SDXL UNet (diffusers names, SD1.x, ...)."""

@@ -1,0 +1,530 @@
+"""The sd-scripts network: LyCORIS's kohya network, driven by a B-LoRA preset.
+
+LyCORIS makes and runs the adapter modules; this module decides *which* modules (a preset,
+checked against the model), with what rank and alpha (alpha = dim unless asked otherwise),
+how they run (bypass or rebuild), and how they are grouped, saved and loaded so that every
+sd-scripts version can drive them. LyCORIS keeps its preset in class attributes; we set
+them only for the duration of one constructor call and restore them afterwards, so other
+users of ``lycoris.kohya`` in the same process see no change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import re
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+from lycoris.kohya import LycorisNetworkKohya
+from lycoris.modules import get_module, make_module
+
+from .blocks import BLOCKS, role_of_kohya_key
+from .errors import LoraFileError, NetworkArgsError, PresetError
+from .metadata import blora_metadata
+from .modelcheck import check_preset_matches, unwrap_unet
+from .options import NetworkOptions, parse_network_args
+from .presets import Preset, load_preset
+from .safefile import PICKLE_SUFFIXES, load_tensors, model_hashes, write_safetensors
+
+__all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "TEXT_ENCODER_ATTENTION_CLASSES"]
+
+logger = logging.getLogger("blora_network")
+
+TEXT_ENCODER_ATTENTION_CLASSES = ("CLIPAttention", "CLIPSdpaAttention")
+"""transformers >= 4.48 names CLIP's attention ``CLIPAttention``; 4.44 (old sd-scripts) ``CLIPSdpaAttention``."""
+
+_PRESET_ATTRS = (
+    "ENABLE_CONV",
+    "UNET_TARGET_REPLACE_MODULE",
+    "UNET_TARGET_REPLACE_NAME",
+    "TEXT_ENCODER_TARGET_REPLACE_MODULE",
+    "TEXT_ENCODER_TARGET_REPLACE_NAME",
+    "MODULE_ALGO_MAP",
+    "NAME_ALGO_MAP",
+    "USE_FNMATCH",
+    "TARGET_EXCLUDE_NAME",
+)
+_PRESET_LOCK = threading.RLock()
+_INIT_PARAMS = set(inspect.signature(LycorisNetworkKohya.__init__).parameters)
+
+
+@contextlib.contextmanager
+def _lycoris_preset(preset: dict) -> Iterator[None]:
+    """Set LyCORIS's class-level preset for one constructor call, then put the old one back."""
+    with _PRESET_LOCK:
+        saved = {a: LycorisNetworkKohya.__dict__[a] for a in _PRESET_ATTRS if a in LycorisNetworkKohya.__dict__}
+        try:
+            LycorisNetworkKohya.apply_preset(preset)
+            yield
+        finally:
+            for attr in _PRESET_ATTRS:
+                if attr in saved:
+                    setattr(LycorisNetworkKohya, attr, saved[attr])
+
+
+def choose_bypass(options: NetworkOptions) -> bool:
+    """Bypass (``base(x) + up(down(x)) * scale``) unless DoRA needs the rebuilt weight.
+
+    Bypass costs one base matmul plus N*r*(in+out); rebuild forms dW = up @ down every call
+    and runs a second full-size matmul, so bypass is cheaper for every rank below ~640 on
+    SDXL's 1280-wide layers. Bypass is also the only mode where ``dropout`` acts and where
+    fp8 base weights (``--fp8_base``) work. DoRA is dropped silently in bypass mode, so DoRA
+    gets rebuild mode.
+    """
+    dora = bool(options.lycoris.get("dora_wd", False))
+    if options.bypass_mode is None:
+        return not dora
+    if options.bypass_mode and dora:
+        raise NetworkArgsError(
+            "network_args bypass_mode=true with dora_wd=true: LyCORIS drops DoRA in bypass mode; "
+            "remove bypass_mode (auto picks rebuild mode for DoRA)"
+        )
+    return options.bypass_mode
+
+
+def _role_of_lora(lora_name: str) -> str:
+    if lora_name.startswith("lora_te"):
+        return "te"
+    return role_of_kohya_key(lora_name + "_") or "other"
+
+
+def _te_index(lora_name: str) -> int:
+    m = re.match(r"lora_te(\d*)_", lora_name)
+    return int(m.group(1) or 1) if m else 1
+
+
+def _module_rank_alpha(lora) -> tuple[Optional[int], Optional[float]]:
+    rank = getattr(lora, "lora_dim", None)
+    alpha = getattr(lora, "alpha", None)
+    if isinstance(alpha, torch.Tensor):
+        alpha = float(alpha.detach().float().cpu())
+    return (int(rank) if rank is not None else None), (float(alpha) if alpha is not None else None)
+
+
+def _caller_understands_descriptions() -> bool:
+    """sd-scripts v0.8.x only accepts a list of groups; later versions a (groups, descriptions) tuple.
+
+    The caller that unpacks descriptions keeps them in a local named ``lr_descriptions``;
+    an sd-scripts trainer without that local gets the plain list.
+    """
+    frame = sys._getframe(2)
+    code = frame.f_code
+    if os.path.basename(code.co_filename).endswith("train_network.py"):
+        return "lr_descriptions" in code.co_varnames
+    return True
+
+
+class BLoRANetwork(LycorisNetworkKohya):
+    """LyCORIS's kohya network with B-LoRA's preset, defaults, groups and file format."""
+
+    def __init__(
+        self,
+        text_encoder,
+        unet,
+        *,
+        preset: Preset,
+        options: NetworkOptions,
+        multiplier: float = 1.0,
+        check_matches: bool = True,
+    ) -> None:
+        unet = unwrap_unet(unet)
+        if check_matches and preset.trains_unet:
+            check_preset_matches(preset, unet)
+        lyco_preset = preset.lycoris_dict()
+        if preset.exclude_name and not hasattr(LycorisNetworkKohya, "TARGET_EXCLUDE_NAME"):
+            raise PresetError(
+                f"preset {preset.name!r} ({preset.source}) uses exclude_name, which needs lycoris-lora>=4.1; "
+                r"upgrade lycoris-lora or use a negative lookahead such as '^(?!.*(ff\.net|proj)).*output_blocks\.0\.1\..*$'"
+            )
+        name_map = dict(lyco_preset["name_algo_map"])
+        for block in BLOCKS:
+            if block.role in options.block_dims or block.role in options.block_alphas:
+                dim = options.dim_for(block.role)
+                if dim > 0:
+                    name_map.setdefault(
+                        "^" + re.escape(block.ldm) + r"\.",
+                        {"algo": options.algo, "dim": dim, "alpha": options.alpha_for(block.role)},
+                    )
+        lyco_preset["name_algo_map"] = name_map
+        if options.train_text_encoder and not preset.trains_text_encoder:
+            lyco_preset["text_encoder_target_module"] = list(TEXT_ENCODER_ATTENTION_CLASSES)
+        lyco = dict(options.lycoris)
+        bypass = choose_bypass(options)
+        kwargs: dict[str, Any] = dict(
+            multiplier=multiplier,
+            lora_dim=options.dim,
+            conv_lora_dim=int(lyco.pop("conv_dim", options.dim)),
+            alpha=options.alpha,
+            conv_alpha=float(lyco.pop("conv_alpha", options.alpha)),
+            dropout=float(lyco.pop("dropout", 0.0)),
+            rank_dropout=float(lyco.pop("rank_dropout", 0.0)),
+            module_dropout=float(lyco.pop("module_dropout", 0.0)),
+            use_tucker=bool(lyco.pop("use_tucker", False) or lyco.pop("use_cp", False) or lyco.pop("use_conv_cp", False)),
+            network_module=options.algo,
+            weight_decompose=bool(lyco.pop("dora_wd", False)),
+            wd_on_out=bool(lyco.pop("wd_on_output", True)),
+            bypass_mode=bypass,
+        )
+        lyco.pop("algo", None)
+        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            lyco.pop(key, None)
+        kwargs.update(lyco)
+        if "warn_on_unmatched" in _INIT_PARAMS:
+            kwargs["warn_on_unmatched"] = False  # we check matches ourselves, with better messages
+        te = text_encoder if (options.train_text_encoder or preset.trains_text_encoder) else None
+        with _lycoris_preset(lyco_preset):
+            super().__init__(te, unet, **kwargs)
+        # Keep this network's own view of the preset, whatever the class holds later.
+        for attr, key in (("USE_FNMATCH", "use_fnmatch"), ("TARGET_EXCLUDE_NAME", "exclude_name"), ("NAME_ALGO_MAP", "name_algo_map")):
+            setattr(self, attr, lyco_preset[key])
+        self.preset = preset
+        self.options = options
+        self.bypass = bypass
+        self._drop_blocks(role for role in options.block_dims if options.block_dims[role] == 0)
+        self._drop_blocks(role for role, lr in options.block_lrs.items() if lr == 0)
+        ratios = [options.lycoris.get(k) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")]
+        self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio = ratios
+        if check_matches and not self.unet_loras and not self.text_encoder_loras:
+            raise PresetError(
+                f"preset {preset.name!r} ({preset.source}) with these network_args trains no module; "
+                "check the block dims and learning rates (0 turns a block off)"
+            )
+
+    # -- bookkeeping --------------------------------------------------------------------
+    def _drop_blocks(self, roles) -> None:
+        roles = set(roles)
+        if not roles:
+            return
+        self.unet_loras = [m for m in self.unet_loras if _role_of_lora(m.lora_name) not in roles]
+        self.loras = self.text_encoder_loras + self.unet_loras
+        logger.info("B-LoRA blocks turned off (dim 0 or lr 0): %s", ", ".join(sorted(roles)))
+
+    def modules_by_role(self) -> dict[str, list]:
+        """``{"content": [...], "style": [...], "te": [...], "other": [...]}`` of LyCORIS modules."""
+        out: dict[str, list] = {}
+        for lora in self.text_encoder_loras + self.unet_loras:
+            out.setdefault(_role_of_lora(lora.lora_name), []).append(lora)
+        return out
+
+    def block_summary(self) -> dict[str, dict[str, Any]]:
+        """Per role: module count, parameter count, rank and alpha (what the demo and metadata report)."""
+        summary = {}
+        for role, loras in self.modules_by_role().items():
+            ranks = {r for r, _ in map(_module_rank_alpha, loras) if r is not None}
+            alphas = {a for _, a in map(_module_rank_alpha, loras) if a is not None}
+            summary[role] = {
+                "modules": len(loras),
+                "parameters": sum(p.numel() for m in loras for p in m.parameters()),
+                "rank": max(ranks) if ranks else None,
+                "alpha": max(alphas) if alphas else None,
+            }
+        return summary
+
+    # -- the sd-scripts calls -------------------------------------------------------------
+    def apply_to(self, text_encoder, unet, apply_text_encoder=None, apply_unet=None):
+        """Hook the modules into the model. sd-scripts' image scripts call this with two args."""
+        if getattr(self, "_applied", False):
+            logger.warning("blora_network: apply_to called twice; the modules are already hooked in")
+            return None
+        if apply_text_encoder is None:
+            apply_text_encoder = bool(self.text_encoder_loras)
+        if apply_unet is None:
+            apply_unet = True
+        self._applied = True
+        return super().apply_to(text_encoder, unwrap_unet(unet), bool(apply_text_encoder), bool(apply_unet))
+
+    def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, learning_rate=None):
+        """One param group per B-LoRA block (``unet content``, ``unet style``, ...).
+
+        Returns ``(groups, descriptions)``; sd-scripts v0.8.x, which only takes a list, gets
+        the list. A TypeError inside would be swallowed by sd-scripts and the call retried
+        with two arguments, so none escapes.
+        """
+        try:
+            groups, descriptions = self._param_groups(text_encoder_lr, unet_lr, learning_rate)
+        except TypeError as e:
+            raise NetworkArgsError(f"cannot build optimizer groups: {e}") from e
+        if _caller_understands_descriptions():
+            return groups, descriptions
+        return groups
+
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr=None, unet_lr=None, default_lr=None):
+        """sd-scripts main: the same groups, with one lr per text encoder."""
+        try:
+            return self._param_groups(text_encoder_lr, unet_lr, default_lr)
+        except TypeError as e:
+            raise NetworkArgsError(f"cannot build optimizer groups: {e}") from e
+
+    def _param_groups(self, text_encoder_lr, unet_lr, learning_rate):
+        self.requires_grad_(True)
+        if isinstance(text_encoder_lr, (list, tuple)):
+            te_lrs = [float(x) for x in text_encoder_lr] or [learning_rate]
+        else:
+            te_lrs = [text_encoder_lr if text_encoder_lr is not None else learning_rate]
+        base_unet_lr = unet_lr if unet_lr is not None else learning_rate
+        groups: list[dict] = []
+        descriptions: list[str] = []
+
+        def add(loras, lr, name, ratio):
+            if not loras:
+                return
+            if lr is not None and float(lr) == 0.0:
+                return
+            plain, plus = [], []
+            for lora in loras:
+                for pname, param in lora.named_parameters():
+                    (plus if ratio and "lora_up" in pname else plain).append(param)
+            for params, desc, factor in ((plain, name, 1.0), (plus, name + " plus", ratio or 1.0)):
+                if not params:
+                    continue
+                group = {"params": params}
+                if lr is not None:
+                    group["lr"] = float(lr) * factor
+                groups.append(group)
+                descriptions.append(desc)
+
+        by_role = self.modules_by_role()
+        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+        te_loras = by_role.get("te", [])
+        for index in sorted({_te_index(m.lora_name) for m in te_loras}):
+            lr = te_lrs[min(index - 1, len(te_lrs) - 1)]
+            add([m for m in te_loras if _te_index(m.lora_name) == index], lr, f"textencoder {index}", te_ratio)
+        for role in [b.role for b in BLOCKS] + ["other"]:
+            lr = self.options.block_lrs.get(role, base_unet_lr)
+            add(by_role.get(role, []), lr, f"unet {role}", unet_ratio)
+        return groups, descriptions
+
+    def load_weights(self, file):
+        """Load a saved file (``--network_weights``) after checking it fits this network."""
+        weights = read_weights(file)
+        mine = {m.lora_name for m in self.text_encoder_loras + self.unet_loras}
+        theirs = {k.split(".", 1)[0] for k in weights}
+        if mine and not (mine & theirs):
+            raise LoraFileError(
+                f"{file}: none of its {len(theirs)} modules belong to this network "
+                f"({len(mine)} modules, preset {self.preset.name!r}); it was trained for other layers "
+                "or another model. Use the same preset, or start without --network_weights"
+            )
+        shapes = {f"{m.lora_name}.{k}": v.shape for m in self.loras for k, v in m.state_dict().items()}
+        for key, tensor in weights.items():
+            if key in shapes and tuple(shapes[key]) != tuple(tensor.shape):
+                raise LoraFileError(
+                    f"{file}: {key} has shape {tuple(tensor.shape)}, this network expects {tuple(shapes[key])}; "
+                    "the file has another rank: set --network_dim to it or use --dim_from_weights"
+                )
+        self.weights_sd = weights
+        registered = {name for name, _ in self.named_children()}
+        if not registered:  # before apply_to: LyCORIS's apply_to loads self.weights_sd
+            return {"deferred until apply_to": True}
+        missing, unexpected = self.load_state_dict(weights, strict=False)
+        info = {}
+        if missing:
+            info["missing keys"] = missing
+        if unexpected:
+            info["unexpected keys"] = unexpected
+        return info
+
+    def merge_to(self, text_encoder, unet, weights_sd, dtype, device):
+        """``--base_weights`` and image scripts: bake the weights, at this network's multiplier."""
+        if weights_sd:
+            names = {k.split(".", 1)[0] for k in weights_sd}
+            self.text_encoder_loras = [m for m in self.text_encoder_loras if m.lora_name in names]
+            self.unet_loras = [m for m in self.unet_loras if m.lora_name in names]
+        self.loras = self.text_encoder_loras + self.unet_loras
+        for lora in self.loras:
+            lora.to(device=device, dtype=torch.float32)
+            lora.merge_to(lora.multiplier)
+        logger.info("blora_network: merged %d modules", len(self.loras))
+
+    def save_weights(self, file, dtype, metadata):
+        """Write an ordinary kohya LoRA file, atomically, with the effective dim/alpha and blora_* keys."""
+        state = {k: v.detach().to("cpu") for k, v in self.state_dict().items()}
+        if dtype is not None:
+            state = {k: v.to(dtype) for k, v in state.items()}
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        summary = self.block_summary()
+        unet_roles = [b.role for b in BLOCKS if b.role in summary]
+        ranks = [s["rank"] for s in summary.values() if s["rank"] is not None]
+        alphas = [s["alpha"] for s in summary.values() if s["alpha"] is not None]
+        meta.setdefault("ss_network_module", "blora_network")
+        if ranks:
+            meta["ss_network_dim"] = str(max(ranks))
+        if alphas:
+            meta["ss_network_alpha"] = str(float(max(alphas)))
+        meta.update(
+            blora_metadata(
+                unet_roles,
+                preset=self.preset.name if self.preset.source == "built-in" else self.preset.source,
+                dims={r: summary[r]["rank"] for r in unet_roles},
+                alphas={r: summary[r]["alpha"] for r in unet_roles},
+                lrs=self.options.block_lrs or None,
+            )
+        )
+        path = Path(file)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+            return
+        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(state, meta)
+        write_safetensors(path, state, meta)
+
+
+def read_weights(file) -> dict[str, torch.Tensor]:
+    """A weights file's tensors: safetensors, or a pickle loaded with ``weights_only=True``."""
+    path = Path(file)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not path.is_file():
+            raise LoraFileError(f"{path}: no such file")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors are many kinds; all mean the same to the user
+            raise LoraFileError(
+                f"{path}: refused to load this pickle file safely ({type(e).__name__}); only plain tensors "
+                "are accepted from .pt/.ckpt files. Prefer .safetensors"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise LoraFileError(f"{path}: not a LoRA state dict (expected a dict of tensors)")
+        weights = state
+    else:
+        weights = load_tensors(path)
+    if not weights:
+        raise LoraFileError(f"{path}: the file holds no tensors")
+    for key, tensor in weights.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LoraFileError(
+                f"{path}: tensor {key} holds NaN or Inf; the training that wrote it diverged. Use an earlier save"
+            )
+    return weights
+
+
+def _warn_alpha(options: NetworkOptions, network_alpha: Any) -> None:
+    if options.alpha_from_args:
+        logger.info("blora_network: alpha=%g from network_args (scale %.4g)", options.alpha, options.alpha / options.dim)
+        return
+    try:
+        given = float(network_alpha) if network_alpha is not None else None
+    except (TypeError, ValueError):
+        given = None
+    if given is not None and given != options.alpha:
+        logger.warning(
+            "blora_network: --network_alpha %g overridden: B-LoRA keeps alpha = dim = %d (scale 1.0). "
+            "To train with another alpha, add alpha=<value> to --network_args",
+            given,
+            options.dim,
+        )
+
+
+def create_network(
+    multiplier,
+    network_dim,
+    network_alpha,
+    vae,
+    text_encoder,
+    unet,
+    neuron_dropout=None,
+    **kwargs,
+) -> BLoRANetwork:
+    """sd-scripts' entry point: ``--network_module=blora_network --network_args preset=...``."""
+    raw_preset = kwargs.get("preset")
+    preset = load_preset(str(raw_preset) if raw_preset is not None else None)
+    if neuron_dropout is not None and kwargs.get("dropout") is None:
+        kwargs["dropout"] = neuron_dropout
+    options = parse_network_args(network_dim, network_alpha, kwargs, preset.block_settings)
+    options.preset = preset.name
+    if not preset.trains_unet and not options.train_text_encoder and not preset.trains_text_encoder:
+        raise PresetError(
+            f"preset {preset.name!r} ({preset.source}) has no UNet targets and text-encoder training is off "
+            "(B-LoRA is UNet-only by default): add unet_target_name patterns, or train_text_encoder=true"
+        )
+    _warn_alpha(options, network_alpha)
+    network = BLoRANetwork(text_encoder, unet, preset=preset, options=options, multiplier=float(multiplier))
+    summary = network.block_summary()
+    logger.info(
+        "blora_network: preset %s, %s",
+        preset.name,
+        ", ".join(f"{role} {s['modules']} modules (rank {s['rank']}, alpha {s['alpha']:g})" for role, s in summary.items()),
+    )
+    return network
+
+
+def _module_names_by_kohya(text_encoder, unet) -> dict[str, torch.nn.Module]:
+    out = {}
+    for name, module in unet.named_modules():
+        if name:
+            out[f"lora_unet_{name}".replace(".", "_")] = module
+    if text_encoder is not None:
+        encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+        indexed = isinstance(text_encoder, (list, tuple))
+        for i, te in enumerate(encoders):
+            prefix = f"lora_te{i + 1}" if indexed else "lora_te"
+            for name, module in te.named_modules():
+                if name:
+                    out[f"{prefix}_{name}".replace(".", "_")] = module
+    return out
+
+
+def create_network_from_weights(
+    multiplier,
+    file,
+    vae,
+    text_encoder,
+    unet,
+    weights_sd=None,
+    for_inference=False,
+    **kwargs,
+):
+    """Rebuild a network from a saved file: ``--dim_from_weights``, ``--base_weights``, inference.
+
+    Returns ``(network, weights_sd)`` as sd-scripts expects. The modules and their ranks come
+    from the file (LyCORIS reads each module's algo and shape); the file must fit the model.
+    """
+    unet = unwrap_unet(unet)
+    weights = dict(weights_sd) if weights_sd is not None else read_weights(file)
+    for_lookup = _module_names_by_kohya(text_encoder, unet)
+    names = sorted({k.split(".", 1)[0] for k in weights if "." in k})
+    unknown = [n for n in names if n not in for_lookup]
+    if unknown:
+        raise LoraFileError(
+            f"{file}: {len(unknown)} of its {len(names)} modules are not in this model "
+            f"(first: {unknown[0]}); the file is for another architecture (SD1.x, diffusers names, another model)"
+        )
+    if not names:
+        raise LoraFileError(f"{file}: no LoRA module found in the file")
+    for name in names:  # files converted from diffusers may lack alpha: alpha = rank there
+        down = weights.get(f"{name}.lora_down.weight")
+        if down is not None and f"{name}.alpha" not in weights:
+            weights[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
+    made_unet, made_te, ranks = [], [], []
+    for name in names:
+        lyco_type, params = get_module(weights, name)
+        module = make_module(lyco_type, params, name, for_lookup[name]) if lyco_type is not None else None
+        if module is None:
+            raise LoraFileError(f"{file}: module {name} is not a LoRA/LyCORIS module LyCORIS can rebuild")
+        module = module.to(torch.float32)
+        (made_te if name.startswith("lora_te") else made_unet).append(module)
+        rank, _ = _module_rank_alpha(module)
+        if rank:
+            ranks.append(rank)
+    args = {k: v for k, v in kwargs.items() if k != "preset"}
+    options = parse_network_args(max(ranks) if ranks else 1, None, args)
+    options.alpha_from_args = True  # alphas come from the file
+    preset = replace(load_preset(kwargs.get("preset")), name=Path(str(file)).stem, source=str(file))
+    empty = replace(preset, unet_target_name=(), unet_target_module=(), text_encoder_target_name=(), text_encoder_target_module=())
+    network = BLoRANetwork(None, unet, preset=empty, options=options, multiplier=float(multiplier), check_matches=False)
+    network.preset = preset
+    network.unet_loras, network.text_encoder_loras = made_unet, made_te
+    network.loras = made_te + made_unet
+    for lora in network.loras:
+        lora.multiplier = float(multiplier)
+        if hasattr(lora, "bypass_mode"):
+            lora.bypass_mode = network.bypass and not getattr(lora, "wd", False)
+    return network, weights

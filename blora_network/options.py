@@ -1,0 +1,207 @@
+"""``--network_args`` parsed strictly, before LyCORIS sees them.
+
+sd-scripts hands every value over as a string (``"false"``, ``"64"``) and LyCORIS parses
+booleans with ``str(v).lower() != "false"``, so ``"0"`` and ``"no"`` would mean *true* there.
+Here a value is parsed by the type of its key, and a value that does not parse is an error
+that names the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from .blocks import ROLES
+from .errors import NetworkArgsError
+
+__all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS"]
+
+logger = logging.getLogger("blora_network")
+
+_TRUE = {"true", "1", "yes", "on", "y", "t"}
+_FALSE = {"false", "0", "no", "off", "n", "f", "", "none"}
+
+# LyCORIS options we pass through, with the type each must parse as.
+LYCORIS_OPTIONS: dict[str, type] = {
+    "algo": str,
+    "conv_dim": int,
+    "conv_alpha": float,
+    "dropout": float,
+    "rank_dropout": float,
+    "module_dropout": float,
+    "use_tucker": bool,
+    "use_cp": bool,
+    "use_conv_cp": bool,
+    "use_scalar": bool,
+    "train_norm": bool,
+    "constraint": float,
+    "rescaled": bool,
+    "dora_wd": bool,
+    "wd_on_output": bool,
+    "full_matrix": bool,
+    "rs_lora": bool,
+    "unbalanced_factorization": bool,
+    "decompose_both": bool,
+    "factor": int,
+    "block_size": int,
+    "rank_dropout_scale": bool,
+    "loraplus_lr_ratio": float,
+    "loraplus_unet_lr_ratio": float,
+    "loraplus_text_encoder_lr_ratio": float,
+}
+# Our own keys.
+_OWN_KEYS: dict[str, type] = {
+    "preset": str,
+    "alpha": float,
+    "train_text_encoder": bool,
+    "bypass_mode": str,  # "auto", or a boolean
+    **{f"{r}_dim": int for r in ROLES},
+    **{f"{r}_alpha": float for r in ROLES},
+    **{f"{r}_lr": float for r in ROLES},
+}
+# Keys sd-scripts or older recipes add that mean nothing for B-LoRA; accepted and ignored.
+_IGNORED_KEYS = {"neuron_dropout", "network_dropout", "verbose"}
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    """``"false"``, ``"0"``, ``"no"``, ``"off"`` are false; ``"true"``, ``"1"``, ``"yes"``, ``"on"`` true."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise NetworkArgsError(f"network_args {key}={value!r}: not a boolean; use true or false")
+
+
+def _parse_number(key: str, value: Any, kind: type) -> Union[int, float]:
+    if isinstance(value, bool):
+        raise NetworkArgsError(f"network_args {key}={value!r}: expected a number")
+    try:
+        if kind is int:
+            number = float(value)
+            if not number.is_integer():
+                raise ValueError
+            return int(number)
+        number = float(value)
+    except (TypeError, ValueError):
+        raise NetworkArgsError(
+            f"network_args {key}={value!r}: not {'an integer' if kind is int else 'a number'}"
+        ) from None
+    if not math.isfinite(number):
+        raise NetworkArgsError(f"network_args {key}={value!r}: must be a finite number")
+    return number
+
+
+def _parse_value(key: str, value: Any, kind: type) -> Any:
+    if kind is bool:
+        return parse_bool(key, value)
+    if kind in (int, float):
+        return _parse_number(key, value, kind)
+    return str(value).strip()
+
+
+@dataclass
+class NetworkOptions:
+    """Everything ``create_network`` decided, typed; recorded in the saved file's metadata."""
+
+    dim: int
+    alpha: float
+    alpha_from_args: bool = False
+    """True when the user set ``alpha=`` in network_args (otherwise alpha = dim)."""
+    preset: Optional[str] = None
+    train_text_encoder: bool = False
+    bypass_mode: Optional[bool] = None
+    """None means auto: bypass, except for DoRA (see :func:`choose_bypass`)."""
+    block_dims: dict[str, int] = field(default_factory=dict)
+    block_alphas: dict[str, float] = field(default_factory=dict)
+    block_lrs: dict[str, float] = field(default_factory=dict)
+    lycoris: dict[str, Any] = field(default_factory=dict)
+    """Typed LyCORIS options (algo, dropout, dora_wd, ...)."""
+
+    @property
+    def algo(self) -> str:
+        return str(self.lycoris.get("algo", "lora")).lower()
+
+    def dim_for(self, role: str) -> int:
+        return self.block_dims.get(role, self.dim)
+
+    def alpha_for(self, role: str) -> float:
+        if role in self.block_alphas:
+            return self.block_alphas[role]
+        if role in self.block_dims and not self.alpha_from_args:
+            return float(self.block_dims[role])
+        return self.alpha
+
+
+def _check_dim(key: str, value: Any, *, allow_zero: bool) -> int:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise NetworkArgsError(
+            f"{key} is missing: pass --network_dim (the LoRA rank; B-LoRA commonly uses 64)"
+        )
+    dim = _parse_number(key, value, int)
+    if dim < 0 or (dim == 0 and not allow_zero):
+        raise NetworkArgsError(f"{key}={value!r}: the rank must be a positive integer (e.g. 64)")
+    return int(dim)
+
+
+def parse_network_args(
+    network_dim: Any,
+    network_alpha: Any,
+    kwargs: Mapping[str, Any],
+    preset_settings: Optional[Mapping[str, Union[int, float]]] = None,
+) -> NetworkOptions:
+    """Turn sd-scripts' arguments into :class:`NetworkOptions`, or raise a NetworkArgsError.
+
+    ``preset_settings`` are the ``[blora]`` per-block keys of the preset file; network_args
+    override them.
+    """
+    dim = _check_dim("network_dim", network_dim, allow_zero=False)
+    parsed: dict[str, Any] = {}
+    for key, value in (preset_settings or {}).items():
+        parsed[key] = value
+    for key, value in kwargs.items():
+        key = str(key).strip()
+        if key in _IGNORED_KEYS:
+            continue
+        if key == "dropout" and value is None:  # sd-scripts adds dropout=None
+            continue
+        kind = _OWN_KEYS.get(key) or LYCORIS_OPTIONS.get(key)
+        if kind is None:
+            known = sorted(set(_OWN_KEYS) | set(LYCORIS_OPTIONS))
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise NetworkArgsError(f"unknown network_args key {key!r}.{hint} Known keys: {', '.join(known)}")
+        if key.endswith("_dim") and key[: -len("_dim")] in ROLES:
+            parsed[key] = _check_dim(key, value, allow_zero=True)
+        else:
+            parsed[key] = _parse_value(key, value, kind)
+
+    options = NetworkOptions(dim=dim, alpha=float(dim), preset=parsed.pop("preset", None) or None)
+    if "alpha" in parsed:
+        options.alpha = float(parsed.pop("alpha"))
+        options.alpha_from_args = True
+        if options.alpha <= 0:
+            raise NetworkArgsError(f"network_args alpha={options.alpha:g}: must be positive")
+    options.train_text_encoder = bool(parsed.pop("train_text_encoder", False))
+    bypass = parsed.pop("bypass_mode", "auto")
+    options.bypass_mode = None if str(bypass).lower() == "auto" else parse_bool("bypass_mode", bypass)
+    for role in ROLES:
+        if f"{role}_dim" in parsed:
+            options.block_dims[role] = int(parsed.pop(f"{role}_dim"))
+        if f"{role}_alpha" in parsed:
+            options.block_alphas[role] = float(parsed.pop(f"{role}_alpha"))
+        if f"{role}_lr" in parsed:
+            lr = float(parsed.pop(f"{role}_lr"))
+            if lr < 0:
+                raise NetworkArgsError(f"network_args {role}_lr={lr:g}: a learning rate cannot be negative")
+            options.block_lrs[role] = lr
+    for key in ("dropout", "rank_dropout", "module_dropout"):
+        if key in parsed and not 0.0 <= parsed[key] < 1.0:
+            raise NetworkArgsError(f"network_args {key}={parsed[key]:g}: must be in [0, 1)")
+    options.lycoris = parsed
+    return options

@@ -1,0 +1,355 @@
+"""safetensors in and out, safely: clear errors on bad files, atomic writes, kohya's hashes.
+
+Why this exists: a B-LoRA run costs hours, and the tools rewrite files users care about.
+So a file is read only as safetensors (a pickle is never unpickled), every reading problem
+becomes one :class:`LoraFileError` naming the file, and every write goes to a temporary file
+in the target folder that is renamed over the target only once it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
+
+from .errors import LoraFileError
+
+__all__ = [
+    "PICKLE_SUFFIXES",
+    "MAX_METADATA_BYTES",
+    "model_hashes",
+    "open_safetensors",
+    "read_metadata",
+    "load_tensors",
+    "write_safetensors",
+    "check_output_path",
+]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+MAX_METADATA_BYTES = 16 * 1024 * 1024
+"""A header larger than this is refused: metadata is untrusted text, not a place for data."""
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFileError(
+            f"{path}: {path.suffix} files are Python pickles and can run arbitrary code when loaded; "
+            "blora_network only reads .safetensors. Convert it once in a trusted environment "
+            "(torch.load(..., weights_only=True) then safetensors.torch.save_file) and use the "
+            ".safetensors file."
+        )
+
+
+def _check_header(path: Path) -> None:
+    """Read the 8-byte header length and the JSON header ourselves, for errors that teach."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoraFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+            n = int.from_bytes(head, "little")
+            if n > MAX_METADATA_BYTES or n + 8 > size:
+                hint = "the file is truncated" if n <= MAX_METADATA_BYTES else "this is not a safetensors file"
+                raise LoraFileError(
+                    f"{path}: not a readable safetensors file: header says {n} bytes but the file "
+                    f"has {size} ({hint}; re-download or re-save it)"
+                )
+            raw = f.read(n)
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except LoraFileError:
+        raise
+    except FileNotFoundError:
+        raise LoraFileError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise LoraFileError(f"{path}: is a folder, not a .safetensors file") from None
+    except PermissionError:
+        raise LoraFileError(f"{path}: permission denied") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise LoraFileError(f"{path}: not a safetensors file (its header is not valid JSON: {e})") from None
+    data_end = max(
+        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+         and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2),
+        default=0,
+    )
+    if 8 + n + data_end > size:
+        raise LoraFileError(
+            f"{path}: truncated safetensors file: its header describes {8 + n + data_end} bytes but "
+            f"only {size} are there (the download or the save did not finish; get the file again)"
+        )
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator:
+    """``safe_open`` with our errors: a lazy handle that reads only the tensors asked for.
+
+    >>> with open_safetensors("lora.safetensors") as f:   # doctest: +SKIP
+    ...     up = f.get_tensor(next(iter(f.keys())))
+    """
+    p = Path(path)
+    _refuse_pickle(p)
+    _check_header(p)
+    try:
+        handle = safe_open(str(p), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
+        raise LoraFileError(f"{p}: corrupt safetensors file ({e})") from None
+    with handle as f:
+        yield f
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file (empty dict when it has none)."""
+    with open_safetensors(path) as f:
+        return dict(f.metadata() or {})
+
+
+def load_tensors(path: str | os.PathLike, keys: Optional[list[str]] = None) -> dict[str, torch.Tensor]:
+    """Load all tensors, or only ``keys``, from a safetensors file onto the CPU."""
+    p = Path(path)
+    with open_safetensors(p) as f:
+        wanted = list(f.keys()) if keys is None else list(keys)
+        out = {}
+        for k in wanted:
+            try:
+                out[k] = f.get_tensor(k)
+            except Exception as e:
+                raise LoraFileError(f"{p}: cannot read tensor {k!r} ({e})") from None
+        return out
+
+
+def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[str, str]:
+    """``(sshs_model_hash, sshs_legacy_hash)`` exactly as sd-scripts computes them.
+
+    sd-webui-additional-networks and A1111 read these instead of hashing the file. Both are
+    taken over the file as it would be saved with only the ``ss_*`` metadata: the model hash
+    is the SHA-256 of the tensor data after the header, the legacy hash 8 hex digits of the
+    SHA-256 of the 64 KiB at offset 1 MiB.
+    """
+    ss_only = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = st_save(dict(tensors), ss_only)
+    n = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(memoryview(blob)[8 + n:]).hexdigest()
+    legacy_hash = hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Refuse an output we must not or cannot write, before any work is done."""
+    p = Path(path)
+    for src in inputs:
+        with contextlib.suppress(OSError):
+            if p.exists() and os.path.samefile(p, src):
+                raise LoraFileError(f"{p}: refusing to write over an input file; choose another -o path")
+    if p.exists() and p.is_dir():
+        raise LoraFileError(f"{p}: is a folder; give a file name ending in .safetensors")
+    if p.exists() and not overwrite:
+        raise LoraFileError(f"{p}: already exists; pass --force to replace it")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise LoraFileError(f"{p}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise LoraFileError(f"{p}: folder {parent} is not writable")
+    return p
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Optional[Mapping[str, str]] = None,
+    *,
+    overwrite: bool = True,
+    inputs: tuple = (),
+) -> Path:
+    """Write ``tensors`` atomically: a temporary file beside the target, fsync, rename.
+
+    A crash or an error at any point leaves the target absent or as it was before.
+    """
+    p = check_output_path(path, overwrite=overwrite, inputs=inputs)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent if str(p.parent) else "."))
+    os.close(fd)
+    try:
+        st_save_file(contiguous, tmp, metadata=meta or None)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return p
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The parsed JSON header (names, dtypes, shapes, offsets, ``__metadata__``), no tensor read."""
+    p = Path(path)
+    _refuse_pickle(p)
+    _check_header(p)
+    with p.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(n))
+
+
+__all__.append("read_header")
+
+
+_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+_LEGACY_START, _LEGACY_END = 0x100000, 0x110000
+
+
+def _compact_json(obj) -> bytes:
+    """JSON as safetensors writes its header: no spaces, UTF-8, the same escapes."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def write_safetensors_hashed(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Optional[Mapping[str, str]] = None,
+    *,
+    overwrite: bool = True,
+    inputs: tuple = (),
+    on_bytes=None,
+) -> tuple[Path, str, str]:
+    """:func:`write_safetensors` plus fresh ``sshs_model_hash``/``sshs_legacy_hash`` in the metadata.
+
+    The same values as :func:`model_hashes`, without a second in-memory serialization: the
+    tensors are hashed in the order safetensors lays them out, in a thread, while the file
+    is written and synced (hashlib and the writer release the GIL); the file is written once
+    with fixed-width placeholders that are patched in place before the rename. The layout is
+    checked against the written header; if it ever differs, the data section is hashed from
+    the file instead. ``on_bytes(n)`` reports hashing progress.
+    Returns ``(path, sshs_model_hash, sshs_legacy_hash)``.
+    """
+    import threading
+
+    p = check_output_path(path, overwrite=overwrite, inputs=inputs)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k not in _HASH_KEYS}
+    meta["sshs_model_hash"] = "0" * 64
+    meta["sshs_legacy_hash"] = "0" * 8
+    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    order = _data_order(contiguous)
+    hashed: dict = {}
+
+    def hash_in_order() -> None:
+        try:
+            h = hashlib.sha256()
+            for k in order:
+                t = contiguous[k]
+                if t.numel():
+                    h.update(t.reshape(-1).view(torch.uint8).numpy())
+                    if on_bytes is not None:
+                        on_bytes(t.numel() * t.element_size())
+            hashed["model"] = h.hexdigest()
+        except BaseException as e:  # surfaced in the caller's thread
+            hashed["error"] = e
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent if str(p.parent) else "."))
+    os.close(fd)
+    worker = threading.Thread(target=hash_in_order, name="sshs-hash", daemon=True)
+    try:
+        worker.start()
+        st_save_file(contiguous, tmp, metadata=meta)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+            worker.join()
+            if "error" in hashed:
+                raise hashed["error"]
+            n = int.from_bytes(f.read(8), "little")
+            raw = f.read(n)
+            header = json.loads(raw)
+            model_hash = hashed["model"] if _layout_is(header, order) else None
+            legacy_hash = None
+            if header.get("__metadata__") == meta and len(_compact_json(header)) == len(raw.rstrip(b" ")):
+                # sd-scripts hashes the file as saved with only the ss_* metadata: its data
+                # section is ours byte for byte; its header differs only in __metadata__.
+                ss_header = dict(header)
+                ss_header["__metadata__"] = {k: v for k, v in meta.items() if k.startswith("ss_")}
+                n_ss = len(_compact_json(ss_header))
+                n_ss += (8 - n_ss % 8) % 8
+                if model_hash is None:
+                    model_hash = _hash_file_data(f, 8 + n)
+                legacy_hash = _legacy_window_hash(f, 8 + n, 8 + n_ss)
+            if legacy_hash is None:  # a header layout we did not expect, or one over 1 MiB
+                model_hash, legacy_hash = model_hashes(contiguous, meta)
+            for key, value in (("sshs_model_hash", model_hash), ("sshs_legacy_hash", legacy_hash)):
+                needle = _compact_json(key) + b":" + _compact_json(meta[key])
+                at = raw.find(needle)
+                if at < 0 or raw.find(needle, at + 1) >= 0:
+                    raise RuntimeError(f"cannot place {key} in the header")
+                f.seek(8 + at + len(needle) - len(value) - 1)
+                f.write(value.encode("ascii"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _final_mode(p))
+        os.replace(tmp, p)
+    except BaseException:
+        worker.join()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return p, model_hash, legacy_hash
+
+
+def _data_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """The order safetensors writes these tensors in, asked of safetensors itself (empty stand-ins)."""
+    blob = st_save({k: torch.empty(0, dtype=v.dtype) for k, v in tensors.items()})
+    n = int.from_bytes(blob[:8], "little")
+    return [k for k in json.loads(blob[8:8 + n]) if k != "__metadata__"]
+
+
+def _layout_is(header: Mapping, order: list[str]) -> bool:
+    """True when the written data section holds ``order``'s tensors back to back, in that order."""
+    entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    if [k for k, _ in entries] != order:
+        return False
+    at = 0
+    for _, v in entries:
+        begin, end = v["data_offsets"]
+        if begin != at:
+            return False
+        at = end
+    return True
+
+
+def _hash_file_data(f, data_start: int) -> str:
+    f.seek(data_start)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(16 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _legacy_window_hash(f, data_start: int, ss_data_start: int) -> Optional[str]:
+    """sd-scripts' legacy hash (the 64 KiB at 1 MiB of the file saved with ss_* metadata only),
+    read from our file's data section; None when that window starts inside the ss_* header."""
+    if ss_data_start > _LEGACY_START:
+        return None
+    f.seek(data_start + _LEGACY_START - ss_data_start)
+    return hashlib.sha256(f.read(_LEGACY_END - _LEGACY_START)).hexdigest()[:8]
+
+
+def _final_mode(p: Path) -> int:
+    """The permissions a plain ``open(p, "w")`` would give (mkstemp makes 0600 files), or the
+    replaced file's own."""
+    try:
+        return p.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
+__all__.append("write_safetensors_hashed")
