@@ -95,7 +95,7 @@ def train(
 
     args = {"preset": preset, **(network_args or {})}
     # 1. create_network, exactly as train_network.py calls it (values are strings there).
-    network = create_network(1.0, dim, 1.0, None, None, unet, neuron_dropout=None, **{k: str(v) for k, v in args.items()})
+    network = create_network(1.0, dim, float(dim), None, None, unet, neuron_dropout=None, **{k: str(v) for k, v in args.items()})
     # 3. apply_to(text_encoder, unet, train_text_encoder, train_unet): --network_train_unet_only.
     network.apply_to(None, unet, False, True)
     # 6. optimizer groups, then AdamW as the README recommends.
@@ -140,7 +140,7 @@ def train(
         metadata = {
             "ss_network_module": "blora_network",
             "ss_network_dim": str(dim),
-            "ss_network_alpha": "1.0",
+            "ss_network_alpha": str(float(dim)),
             "ss_network_args": json.dumps(args),
             "ss_base_model_version": "sdxl_base_v1-0",
             "ss_steps": str(steps),
@@ -177,6 +177,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
+    logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # the summary below says what it would log
     result = train(
         preset=args.preset,
         dim=args.dim,

@@ -31,7 +31,7 @@ from .metadata import blora_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
 from .options import NetworkOptions, parse_network_args
 from .presets import Preset, load_preset
-from .safefile import PICKLE_SUFFIXES, load_tensors, model_hashes, write_safetensors
+from .safefile import PICKLE_SUFFIXES, load_tensors, write_safetensors_hashed
 
 __all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "TEXT_ENCODER_ATTENTION_CLASSES"]
 
@@ -374,8 +374,7 @@ class BLoRANetwork(LycorisNetworkKohya):
             torch.save(state, tmp)
             os.replace(tmp, path)
             return
-        meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(state, meta)
-        write_safetensors(path, state, meta)
+        write_safetensors_hashed(path, state, meta)
 
 
 def read_weights(file) -> dict[str, torch.Tensor]:

@@ -148,9 +148,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: tuple
     """Refuse an output we must not or cannot write, before any work is done."""
     p = Path(path)
     for src in inputs:
+        same = False
         with contextlib.suppress(OSError):
-            if p.exists() and os.path.samefile(p, src):
-                raise LoraFileError(f"{p}: refusing to write over an input file; choose another -o path")
+            same = p.exists() and os.path.samefile(p, src)
+        if same:
+            raise LoraFileError(f"{p}: refusing to write over an input file; choose another -o path")
     if p.exists() and p.is_dir():
         raise LoraFileError(f"{p}: is a folder; give a file name ending in .safetensors")
     if p.exists() and not overwrite:
@@ -184,6 +186,7 @@ def write_safetensors(
         st_save_file(contiguous, tmp, metadata=meta or None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _final_mode(p))
         os.replace(tmp, p)
     except BaseException:
         with contextlib.suppress(OSError):
