@@ -7,6 +7,7 @@ when one matches nothing, say what the model looks like instead.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -59,12 +60,12 @@ def describe_unet(unet: torch.nn.Module) -> str:
                 "the model looks like an SD1.x/SD2 UNet" + ctx_text + ": it has no transformer in output_blocks.0 / "
                 "output_blocks.1 like SDXL; B-LoRA needs SDXL (use sdxl_train_network.py with an SDXL checkpoint)"
             )
-        blocks = sorted({".".join(n.split(".")[:3]) for n in names if ".transformer_blocks." in n})
+        blocks = sorted({n.split(".transformer_blocks.")[0] for n in names if ".transformer_blocks." in n})
         return f"the model has sd-scripts' LDM names{ctx_text}; its transformer blocks are {', '.join(blocks)}"
     return f"the model's top-level modules are {', '.join(top[:12]) or '(none)'}{ctx_text}; it is not sd-scripts' SDXL UNet"
 
 
-def _linear_names(unet: torch.nn.Module, enable_conv: bool) -> list[tuple[str, str]]:
+def _named_classes(unet: torch.nn.Module) -> list[tuple[str, str]]:
     return [(n, type(m).__name__) for n, m in unet.named_modules() if n]
 
 
@@ -74,26 +75,15 @@ def check_preset_matches(preset: Preset, unet: torch.nn.Module) -> list[str]:
     Returns the selected module paths; raises :class:`PresetError` naming the first pattern
     that matches nothing, with :func:`describe_unet`'s sentence.
     """
-    modules = _linear_names(unet, preset.enable_conv)
+    modules = _named_classes(unet)
     selected = preset.select(modules)
-    for pattern in preset.unet_target_name:
-        single = _only(preset, names=(pattern,))
+    checks = [(f"UNet pattern '{p}' matches no Linear layer", _only(preset, names=(p,))) for p in preset.unet_target_name]
+    checks += [(f"no {c!r} module with Linear layers", _only(preset, classes=(c,))) for c in preset.unet_target_module]
+    for problem, single in checks:
         if not single.select(modules):
-            raise PresetError(
-                f"preset {preset.name!r} ({preset.source}): UNet pattern '{pattern}' matches no Linear layer "
-                f"of this model; {describe_unet(unet)}"
-            )
-    for cls in preset.unet_target_module:
-        single = _only(preset, classes=(cls,))
-        if not single.select(modules):
-            raise PresetError(
-                f"preset {preset.name!r} ({preset.source}): no {cls!r} module with Linear layers in this model; "
-                f"{describe_unet(unet)}"
-            )
+            raise PresetError(f"preset {preset.name!r} ({preset.source}): {problem} in this model; {describe_unet(unet)}")
     return selected
 
 
 def _only(preset: Preset, names: Iterable[str] = (), classes: Iterable[str] = ()) -> Preset:
-    from dataclasses import replace
-
     return replace(preset, unet_target_name=tuple(names), unet_target_module=tuple(classes))

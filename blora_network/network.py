@@ -228,6 +228,19 @@ class BLoRANetwork(LycorisNetworkKohya):
         return summary
 
     # -- the sd-scripts calls -------------------------------------------------------------
+    def prepare_network(self, args) -> None:
+        """sd-scripts' hook with the whole argparse Namespace: refuse what would fail at step 1."""
+        if getattr(args, "fp8_base", False) and not self.bypass:
+            raise NetworkArgsError(
+                "--fp8_base needs LyCORIS's bypass mode (rebuild mode cannot multiply fp8 weights); "
+                "remove bypass_mode=false from --network_args" + (" (DoRA needs rebuild mode: drop dora_wd)" if self.options.lycoris.get("dora_wd") else "")
+            )
+        if not getattr(args, "network_train_unet_only", True) and not self.text_encoder_loras:
+            logger.info(
+                "blora_network: no text-encoder modules (B-LoRA is UNet-only); pass --network_train_unet_only "
+                "so sd-scripts can cache text-encoder outputs"
+            )
+
     def apply_to(self, text_encoder, unet, apply_text_encoder=None, apply_unet=None):
         """Hook the modules into the model. sd-scripts' image scripts call this with two args."""
         if getattr(self, "_applied", False):

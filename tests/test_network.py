@@ -3,6 +3,7 @@ isolation from LyCORIS's class state, safe loading, dtypes and forward modes."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
@@ -245,3 +246,30 @@ def test_gradient_checkpointing_same_gradients(batch):
 def test_algo_passthrough_loha(unet):
     network = make(unet, preset="content", algo="loha")
     assert {type(m).__name__ for m in network.unet_loras} == {"LohaModule"}
+
+
+def _fp8_linears(unet):
+    """--fp8_base: the base Linear weights in float8 (norms stay wider, as autocast needs on CPU)."""
+    for module in unet.modules():
+        if isinstance(module, nn.Linear):
+            module.to(torch.float8_e4m3fn)
+
+
+def test_fp8_base_trains_in_bypass_mode(batch):
+    unet = build_unet(TINY, seed=0)
+    network = make(unet, preset="content_style")
+    network.prepare_network(argparse.Namespace(fp8_base=True, network_train_unet_only=True))
+    network.apply_to(None, unet, False, True)
+    _fp8_linears(unet)
+    unet.requires_grad_(False)
+    x, t, ctx, y = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = unet(x, t, ctx, y)
+    out.float().pow(2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in network.parameters())
+
+
+def test_fp8_base_with_rebuild_mode_is_refused_before_training():
+    network = make(build_unet(TINY), preset="content", bypass_mode="false")
+    with pytest.raises(NetworkArgsError, match="--fp8_base needs LyCORIS's bypass mode"):
+        network.prepare_network(argparse.Namespace(fp8_base=True, network_train_unet_only=True))
