@@ -164,6 +164,64 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
+# -- analyze ----------------------------------------------------------------------------------
+
+def _share(x: float) -> str:
+    return "<0.1%" if 0 < x < 0.0005 else f"{100 * x:.1f}%"
+
+
+def _cmd_analyze(args) -> int:
+    from .analyze import KIND_LABELS, KINDS, analyze
+
+    if args.plot:  # before the work: no matplotlib, or a path we may not write, is one line now
+        from .plot import check_plot_path, require_matplotlib
+
+        require_matplotlib()
+        check_plot_path(args.plot, inputs=[args.file], overwrite=args.force)
+    rep = analyze(args.file, progress=_progress(args))
+    chart = None
+    if args.plot:
+        from .plot import render
+
+        chart = str(render(rep, args.plot, overwrite=args.force, inputs=[args.file]))
+    if args.json:
+        _print_json({**asdict(rep), "plot": chart})
+        return 0
+    te = (f"; text encoders: {sum(t.modules for t in rep.text_encoders)} layers, ||dW||_F "
+          f"{rep.text_encoder_norm:.4g} (not in the shares)" if rep.text_encoders else "")
+    print(f"{rep.file}: model {rep.model}, {rep.unet_modules} UNet layers ({'/'.join(rep.spellings)} names), "
+          f"UNet ||dW||_F {rep.unet_norm:.4g}{te}")
+    kinds = [k for k in KINDS if rep.kinds[k].modules]
+    total_sq = rep.unet_norm ** 2 or 1.0
+    head = "".join(f" {KIND_LABELS[k]:>10}" for k in kinds)
+    print(f"  {'block':<18} {'role':<12} {'layers':>6} {'||dW||_F':>10} {'share':>7}{head}")
+    rows = rep.blocks if args.top is None else sorted(rep.blocks, key=lambda r: -r.share)[: args.top]
+    for r in rows:
+        role = f"{r.role} {r.lbw}" if r.role else "-"
+        cells = "".join(f" {_share(r.kinds[k] ** 2 / total_sq) if k in r.kinds else '-':>10}" for k in kinds)
+        print(f"  {r.block:<18} {role:<12} {r.modules:>6} {r.norm:>10.4g} {_share(r.share):>7}{cells}")
+    shown = {r.block for r in rows}
+    hidden = [r for r in rep.blocks if r.block not in shown]
+    if hidden:
+        print(f"  ... and {len(hidden)} more blocks ({_share(sum(r.share for r in hidden))} together)")
+    cells = "".join(f" {_share(rep.kinds[k].share):>10}" for k in kinds)
+    print(f"  {'UNet':<18} {'':<12} {sum(r.modules for r in rep.blocks):>6} {rep.unet_norm:>10.4g} "
+          f"{_share(1.0 if rep.unet_norm else 0.0):>7}{cells}")
+    blora = ", ".join(f"{b.role} {b.block} {_share(b.share) if b.modules else 'not in file'}" for b in rep.blora)
+    print(f"B-LoRA blocks, attention change (attn1+attn2): {blora}; together {_share(rep.blora_attention_share)} "
+          "of the UNet's attention change")
+    print(f"suggestion: {rep.suggestion.text}")
+    if rep.suggestion.command:
+        print(f"  {rep.suggestion.command}")
+        print(f"  (keeps {_share(rep.suggestion.kept_share)} of the UNet's ||dW||_F^2: the attention layers of "
+              f"{', '.join(rep.suggestion.roles)})")
+    if chart:
+        print(f"wrote {chart}")
+    for w in rep.warnings:
+        print(f"warning: {w}")
+    return 0
+
+
 # -- writers ----------------------------------------------------------------------------------
 
 def _describe_written(f) -> str:
@@ -246,11 +304,12 @@ def _out_args(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="B-LoRA tools for kohya-format SDXL LoRA files: see what a file holds, split it into "
-                    "content/style/layout, combine the content of one with the style of another, scale "
-                    "blocks, extract B-LoRA blocks from a whole-UNet LoRA, convert diffusers names.",
+        description="B-LoRA tools for kohya-format SDXL LoRA files: see what a file holds and where its change "
+                    "is, split it into content/style/layout, combine the content of one with the style of "
+                    "another, scale blocks, extract B-LoRA blocks from a whole-UNet LoRA, convert diffusers names.",
         epilog="examples:\n"
                "  blora-network inspect me.safetensors\n"
+               "  blora-network analyze whole_unet.safetensors --plot whole_unet.png\n"
                "  blora-network combine --content dog.safetensors --style ink.safetensors --style-weight 0.8 -o dog_ink.safetensors\n"
                "run 'blora-network COMMAND --help' for each command's options",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -286,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the ||dW|| column (only matters for big high-rank files: costs about params x rank)")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=_cmd_inspect)
+
+    p = _sub(sub, "analyze", "where a LoRA's change is: per UNet block and layer kind, and what to extract",
+             "For any SDXL LoRA (kohya, diffusers or PEFT names; LoRA, LoHa, LoKr): the size of the change "
+             "||dW||_F per UNet block (LDM names) and per layer kind (self-attn attn1, cross-attn attn2, ff, "
+             "proj_in/proj_out, other: resnet convs, embeddings), and each one's share. Shares are of the squared "
+             "norm ||dW||_F^2, which adds up over layers (they are separate matrices), so they sum to 100%; a "
+             "block's ||dW||_F is the square root of its layers' sum. Text-encoder layers are reported apart. "
+             "Then a suggestion from the attention change in the three B-LoRA blocks: one block with 60% or more "
+             "of it -> extract that block; otherwise every block with 20% or more; under 5% of the UNet's "
+             "attention change in those blocks -> nothing worth extracting. --plot draws the UNet's blocks "
+             "with the B-LoRA blocks marked (needs matplotlib: pip install \"blora-network[plot]\").",
+             "  blora-network analyze whole_unet.safetensors\n"
+             "  blora-network analyze whole_unet.safetensors --plot whole_unet.png --top 10")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--plot", metavar="OUT.png", help="also draw the chart as a PNG (.svg and .pdf work too)")
+    p.add_argument("--top", type=_positive_int, metavar="N",
+                   help="list only the N blocks with the largest change (default: every block, in UNet order)")
+    p.add_argument("--force", action="store_true", help="replace OUT.png if it exists")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=_cmd_analyze)
 
     p = _sub(sub, "split", "write one file per B-LoRA block",
              "Write NAME_content.safetensors, NAME_style.safetensors and NAME_layout.safetensors (for the blocks "

@@ -200,3 +200,50 @@ def write_sd1(path, rank: int = 4, seed: int = 0) -> Path:
     sd[f"{m}.lora_up.weight"] = torch.randn(768, rank, generator=g)
     save_file(sd, str(path), metadata={"ss_base_model_version": "sd_v1"})
     return Path(path)
+
+
+# -- LoRAs whose change sits in known places (analyze) -------------------------------------------
+
+def write_kohya_placed(path, layers: Sequence[Layer], rank: int = 4, gains: Optional[dict[str, float]] = None, *,
+                       alpha: Optional[float] = None, seed: int = 0, dtype=torch.float32,
+                       diffusers_blocks: bool = False, extra: Optional[dict[str, torch.Tensor]] = None,
+                       metadata: Optional[dict] = None) -> Path:
+    """``write_kohya`` with each layer's change multiplied by the gain of the first ``gains`` prefix
+    its module path starts with (``{"output_blocks.1.1.": 3.0}`` makes the style block's dW 3x, its
+    ||dW||^2 9x); layers matching no prefix keep gain 1. The gain goes into ``lora_up``."""
+    sd = {}
+    for name, t in lora_tensors(layers, rank, seed=seed, alpha=rank if alpha is None else alpha).items():
+        gain = next((g for prefix, g in (gains or {}).items() if name.startswith(prefix)), 1.0)
+        in_attention_block = re.match(r"^((input|output)_blocks\.\d+\.1|middle_block\.1)\.", name)
+        module = kohya_name(to_diffusers_path(name) if diffusers_blocks and in_attention_block else name)
+        sd[f"{module}.lora_down.weight"] = t["down"].to(dtype)
+        sd[f"{module}.lora_up.weight"] = (t["up"] * gain).to(dtype)
+        sd[f"{module}.alpha"] = t["alpha"].to(dtype)
+    sd.update(extra or {})
+    save_file(sd, str(path), metadata=metadata)
+    return Path(path)
+
+
+def conv_lora(module: str, in_channels: int, out_channels: int, rank: int = 4, *, kernel: int = 3,
+              alpha: float = 2.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A kohya LoCon conv module (``lora_down`` [r, in, k, k], ``lora_up`` [out, r, 1, 1]) under a
+    kohya module name, for ``extra=``."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"{module}.lora_down.weight": torch.randn(rank, in_channels, kernel, kernel, generator=g) * 0.1,
+        f"{module}.lora_up.weight": torch.randn(out_channels, rank, 1, 1, generator=g) * 0.1,
+        f"{module}.alpha": torch.tensor(float(alpha)),
+    }
+
+
+def text_encoder_lora(encoder: str = "te1", layers: int = 2, width: int = 32, rank: int = 4,
+                      seed: int = 0) -> dict[str, torch.Tensor]:
+    """kohya text-encoder modules (``lora_te1_text_model_encoder_layers_{i}_self_attn_q_proj``), for ``extra=``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(layers):
+        m = f"lora_{encoder}_text_model_encoder_layers_{i}_self_attn_q_proj"
+        out[f"{m}.lora_down.weight"] = torch.randn(rank, width, generator=g)
+        out[f"{m}.lora_up.weight"] = torch.randn(width, rank, generator=g)
+        out[f"{m}.alpha"] = torch.tensor(float(rank))
+    return out

@@ -1,0 +1,425 @@
+"""Where a LoRA puts its change: the size of dW per UNet block and per layer kind.
+
+B-LoRA says that in SDXL the attention of ``output_blocks.0.1`` carries content and that of
+``output_blocks.1.1`` carries style (``input_blocks.8.1``: layout). :func:`analyze` measures
+any SDXL LoRA (kohya, diffusers or PEFT names; LoRA, LoHa, LoKr) against that map: the
+Frobenius norm of each layer's change, summed per UNet block and per kind of layer, and a
+suggestion of which ``blora-network extract --blocks`` to run.
+
+Sizes and shares
+    Every layer's change dW is a separate matrix, so the squared Frobenius norms add up:
+    ``||dW_unet||^2 = sum over layers of ||dW_layer||^2``. A block's norm is the square root
+    of its layers' sum, and a *share* is always a share of that energy (``||dW||_F^2``), so
+    the shares of the blocks (or of the kinds) add up to 100%. Text-encoder layers are
+    reported apart and are not part of any UNet share.
+
+Layer kinds
+    ``self_attn`` (``attn1``), ``cross_attn`` (``attn2``), ``ff`` (``ff.net``), ``proj``
+    (``proj_in``/``proj_out``) and ``other`` (resnet convolutions, time and label embeddings,
+    up/downsamplers: what a LoCon or whole-UNet LoRA trains outside the transformers).
+
+The suggestion (:data:`DOMINANT_SHARE`, :data:`PART_SHARE`, :data:`ALMOST_NONE`, :data:`LOW_COVERAGE`)
+    Only the attention change (``self_attn`` + ``cross_attn``) inside the three B-LoRA blocks
+    counts, since that is what B-LoRA trains and ``extract`` keeps. Each block's share of it:
+
+    1. one block holds at least 60% -> the LoRA is "mostly" that block's role: keep that block;
+    2. otherwise keep every block holding at least 20% (e.g. content and style);
+    3. when under 5% of the UNet's attention change is in the B-LoRA blocks at all, there is
+       nothing worth extracting and no command is given; under 20%, the command comes with a
+       note that the extracted file keeps only part of the LoRA's effect.
+
+Nothing here prints; :mod:`blora_network.cli` does the talking, :mod:`blora_network.plot` draws.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .blocks import BLOCKS
+from .errors import LoraFileError
+from .lorafile import LoraModule, delta_norm_sq, guess_model
+
+__all__ = [
+    "KINDS",
+    "KIND_LABELS",
+    "SDXL_TRANSFORMER_BLOCKS",
+    "DOMINANT_SHARE",
+    "PART_SHARE",
+    "ALMOST_NONE",
+    "LOW_COVERAGE",
+    "BlockRow",
+    "KindTotal",
+    "BLoraShare",
+    "TextEncoderRow",
+    "Suggestion",
+    "AnalyzeReport",
+    "analyze",
+    "unet_block_of",
+    "kind_of",
+    "block_order",
+]
+
+KINDS = ("self_attn", "cross_attn", "ff", "proj", "other")
+KIND_LABELS = {"self_attn": "self-attn", "cross_attn": "cross-attn", "ff": "ff", "proj": "proj", "other": "other"}
+ATTENTION_KINDS = ("self_attn", "cross_attn")
+
+SDXL_TRANSFORMER_BLOCKS = (
+    "input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1",
+    "output_blocks.0.1", "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1", "output_blocks.4.1",
+    "output_blocks.5.1",
+)
+"""The eleven Transformer2DModel blocks of SDXL's UNet, in order (LDM names)."""
+
+DOMINANT_SHARE = 0.60
+"""A B-LoRA block holding this much of the B-LoRA blocks' attention change is suggested alone."""
+PART_SHARE = 0.20
+"""Otherwise every B-LoRA block holding at least this much is suggested."""
+ALMOST_NONE = 0.05
+"""Under this share of the UNet's attention change in the B-LoRA blocks: no command is suggested."""
+LOW_COVERAGE = 0.20
+"""Under this share the suggestion notes that the extracted file keeps only part of the effect."""
+
+_LABEL = {"content": "content", "style": "style", "layout": "layout"}
+
+
+@dataclass
+class BlockRow:
+    """One UNet block (LDM name; ``input_blocks.4.0`` is a resnet, ``input_blocks.4.1`` a transformer)."""
+
+    block: str
+    role: Optional[str]
+    """``content``, ``style``, ``layout`` for the B-LoRA blocks, else None."""
+    lbw: Optional[str]
+    modules: int
+    norm: float
+    """||dW||_F of the block: sqrt of the sum of its layers' ||dW||_F^2."""
+    share: float
+    """The block's ||dW||_F^2 over the UNet's (0..1)."""
+    kinds: dict[str, float] = field(default_factory=dict)
+    """Layer kind -> ||dW||_F of that kind in this block (kinds present only)."""
+
+
+@dataclass
+class KindTotal:
+    kind: str
+    modules: int
+    norm: float
+    share: float
+    """Of the UNet's ||dW||_F^2."""
+
+
+@dataclass
+class BLoraShare:
+    """The attention change (attn1 + attn2) of one B-LoRA block."""
+
+    role: str
+    block: str
+    lbw: str
+    modules: int
+    """Attention layers of this block in the file (80 for a full B-LoRA block)."""
+    attention_norm: float
+    share: float
+    """Of the attention change in the three B-LoRA blocks together (what the suggestion uses)."""
+    unet_attention_share: float
+    """Of the attention change in the whole UNet."""
+
+
+@dataclass
+class TextEncoderRow:
+    name: str
+    """``text_encoder_1``, ``text_encoder_2`` (or ``text_encoder`` for a single-encoder file)."""
+    modules: int
+    norm: float
+
+
+@dataclass
+class Suggestion:
+    roles: list[str]
+    """The blocks to extract (empty when nothing is worth extracting)."""
+    text: str
+    command: Optional[str]
+    """The exact ``blora-network extract`` command line, or None."""
+    kept_share: float
+    """Share of the UNet's ||dW||_F^2 the suggested extract keeps (0 when no roles)."""
+
+
+@dataclass
+class AnalyzeReport:
+    file: str
+    model: str
+    spellings: list[str]
+    unet_modules: int
+    unet_norm: float
+    """||dW||_F over every measured UNet layer."""
+    blocks: list[BlockRow]
+    """UNet blocks the file changes, in UNet order (input_blocks, middle_block, output_blocks)."""
+    kinds: dict[str, KindTotal]
+    """All five kinds, in :data:`KINDS` order (modules 0 where absent)."""
+    blora: list[BLoraShare]
+    """content, style, layout (always all three)."""
+    blora_attention_share: float
+    """Share of the UNet's attention change (attn1 + attn2) that lies in the B-LoRA blocks."""
+    text_encoders: list[TextEncoderRow]
+    text_encoder_norm: Optional[float]
+    """||dW||_F over the text-encoder layers, None without any; never part of a UNet share."""
+    suggestion: Suggestion
+    not_measured: list[str] = field(default_factory=list)
+    """Layers left out of every number (DoRA, unknown algorithms, NaN/Inf)."""
+    warnings: list[str] = field(default_factory=list)
+
+
+# -- names ------------------------------------------------------------------------------------
+
+_LDM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)\.\d+\.\d+$|^middle_block\.\d+$")
+_DIFF_RESNET_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)$")
+_KIND_RES = (
+    ("self_attn", re.compile(r"_attn1_")),
+    ("cross_attn", re.compile(r"_attn2_")),
+    ("ff", re.compile(r"_ff_net_")),
+    ("proj", re.compile(r"_proj_(in|out)$")),
+)
+_TOP_LEVEL = (
+    ("time_embed", ("time_embed", "time_embedding")),
+    ("label_emb", ("label_emb", "add_embedding")),
+    ("input_blocks.0.0", ("conv_in",)),
+    ("out", ("out", "conv_out", "conv_norm_out")),
+)
+
+
+def unet_block_of(module: LoraModule) -> str:
+    """The UNet block of a module by sd-scripts' LDM name, whatever the file's spelling.
+
+    ``input_blocks.4.1`` (transformer), ``input_blocks.4.0`` (resnet), ``middle_block.1``,
+    ``time_embed``, ``label_emb``, ``out``; diffusers names (``down_blocks.1.resnets.0``,
+    ``up_blocks.0.upsamplers.0``, ``conv_in``...) are mapped to those. Anything unknown keeps
+    lorafile's name for it.
+    """
+    block = module.block
+    if _LDM_BLOCK_RE.match(block):
+        return block
+    m = _DIFF_RESNET_RE.match(block)
+    if m:
+        level, part, k = int(m.group(2)), m.group(3), int(m.group(4))
+        if part == "resnets":
+            if m.group(1) == "down_blocks":
+                return f"input_blocks.{3 * level + k + 1}.0"
+            return f"output_blocks.{3 * level + k}.0"
+        if part == "downsamplers":
+            return f"input_blocks.{3 * level + 3}.0"
+        return f"output_blocks.{3 * level + 2}.2"  # SDXL's upsampling levels (0, 1) have attention
+    if block.startswith("mid_block.resnets."):
+        return "middle_block.0" if block.endswith(".0") else "middle_block.2"
+    if block.startswith("unet."):
+        rest = module.name[len("lora_unet_"):] if module.name.startswith("lora_unet_") else block[5:]
+        for target, heads in _TOP_LEVEL:
+            if any(rest == h or rest.startswith(h + "_") for h in heads):
+                return target
+    return block
+
+
+def kind_of(module: LoraModule) -> str:
+    """``self_attn``, ``cross_attn``, ``ff``, ``proj`` or ``other`` from the canonical name."""
+    for kind, rx in _KIND_RES:
+        if rx.search(module.name):
+            return kind
+    return "other"
+
+
+def block_order(block: str):
+    """Sort key: time_embed, label_emb, input_blocks, middle_block, output_blocks, out, the rest."""
+    nums = tuple(int(x) for x in re.findall(r"\d+", block))
+    head = block.split(".")[0]
+    rank = {"time_embed": 0, "label_emb": 1, "input_blocks": 2, "middle_block": 3, "output_blocks": 4,
+            "out": 5}.get(head, 6)
+    return (rank, nums, block)
+
+
+_ROLE_OF_BLOCK = {b.ldm: b for b in BLOCKS}
+
+
+# -- the analysis ------------------------------------------------------------------------------
+
+def analyze(path, *, progress=None) -> AnalyzeReport:
+    """Measure ``||dW||_F`` of every layer of an SDXL LoRA file and sum it per block and kind.
+
+    Reads each layer's tensors once (lazily); LoRA norms come from r x r Gram matrices. SD1.x
+    and SD2.x files are refused, and so is a file without UNet layers.
+    """
+    from .tools import _bar, _load  # the loading checks every tool makes, and its progress bar
+
+    lora = _load(path, need_blora=False)
+    unet = [m for m in lora.modules.values() if not m.block.startswith("text_encoder")]
+    te = [m for m in lora.modules.values() if m.block.startswith("text_encoder")]
+    if not unet:
+        raise LoraFileError(
+            f"{lora.path}: holds no UNet layers, only {len(te)} text-encoder layers; "
+            "B-LoRA blocks are in the UNet, so there is nothing to analyze"
+        )
+    not_measured: list[str] = []
+    nonfinite: list[str] = []
+    skipped_kinds: set[str] = set()
+    energy: dict[str, float] = {}
+    measurable = [m for m in lora.modules.values() if m.algo != "other" and not m.dora]
+    for m in lora.modules.values():
+        if m.algo == "other" or m.dora:
+            not_measured.append(m.name)
+            skipped_kinds.add("DoRA: its change depends on the base weights" if m.dora
+                              else "an algorithm these tools do not know")
+    with lora.reader() as reader, _bar(progress, sum(m.nbytes for m in measurable), f"reading {lora.path.name}") as bar:
+        for m in measurable:
+            value = delta_norm_sq(m.algo, reader.tensors(m))
+            if math.isfinite(value):
+                energy[m.name] = value
+            else:
+                not_measured.append(m.name)
+                nonfinite.append(m.name)
+            bar.update(m.nbytes)
+
+    if not any(m.name in energy for m in unet):
+        why = sorted(skipped_kinds | ({"NaN or Inf"} if nonfinite else set()))
+        raise LoraFileError(
+            f"{lora.path}: none of its {len(unet)} UNet layers can be measured "
+            f"({'; '.join(why)}; first: {unet[0].name})"
+        )
+
+    # per block and kind
+    block_e: dict[str, dict[str, float]] = {}
+    block_n: dict[str, int] = {}
+    kind_e = {k: 0.0 for k in KINDS}
+    kind_n = {k: 0 for k in KINDS}
+    for m in unet:
+        if m.name not in energy:
+            continue
+        b, k, e = unet_block_of(m), kind_of(m), energy[m.name]
+        block_e.setdefault(b, {})
+        block_e[b][k] = block_e[b].get(k, 0.0) + e
+        block_n[b] = block_n.get(b, 0) + 1
+        kind_e[k] += e
+        kind_n[k] += 1
+    total = sum(kind_e.values())
+
+    def share(e: float, of: float) -> float:
+        return e / of if of > 0 else 0.0
+
+    rows = []
+    for b in sorted(block_e, key=block_order):
+        ks = block_e[b]
+        blk = _ROLE_OF_BLOCK.get(b)
+        rows.append(BlockRow(
+            block=b, role=blk.role if blk else None, lbw=blk.lbw if blk else None, modules=block_n[b],
+            norm=math.sqrt(sum(ks.values())), share=share(sum(ks.values()), total),
+            kinds={k: math.sqrt(ks[k]) for k in KINDS if k in ks},
+        ))
+    kinds = {k: KindTotal(kind=k, modules=kind_n[k], norm=math.sqrt(kind_e[k]), share=share(kind_e[k], total))
+             for k in KINDS}
+
+    attn_unet = sum(kind_e[k] for k in ATTENTION_KINDS)
+    attn_block = {b: sum(ks.get(k, 0.0) for k in ATTENTION_KINDS) for b, ks in block_e.items()}
+    attn_modules: dict[str, int] = {}
+    for m in unet:
+        if m.name in energy and kind_of(m) in ATTENTION_KINDS:
+            b = unet_block_of(m)
+            attn_modules[b] = attn_modules.get(b, 0) + 1
+    attn_blora = sum(attn_block.get(b.ldm, 0.0) for b in BLOCKS)
+    blora = [
+        BLoraShare(role=b.role, block=b.ldm, lbw=b.lbw, modules=attn_modules.get(b.ldm, 0),
+                   attention_norm=math.sqrt(attn_block.get(b.ldm, 0.0)),
+                   share=share(attn_block.get(b.ldm, 0.0), attn_blora),
+                   unet_attention_share=share(attn_block.get(b.ldm, 0.0), attn_unet))
+        for b in BLOCKS
+    ]
+    te_rows = []
+    for name in sorted({m.block for m in te}):
+        ms = [m for m in te if m.block == name and m.name in energy]
+        te_rows.append(TextEncoderRow(name=name, modules=len(ms), norm=math.sqrt(sum(energy[m.name] for m in ms))))
+    te_norm = math.sqrt(sum(r.norm ** 2 for r in te_rows)) if te_rows else None
+
+    coverage = share(attn_blora, attn_unet)
+    suggestion = _suggest(lora, unet, energy, rows, blora, total, attn_unet, coverage)
+
+    warnings = []
+    if nonfinite:
+        warnings.append(f"{len(nonfinite)} layers hold NaN or Inf (first: {nonfinite[0]}) and are left out of every "
+                        "number; the file will give black or noise images")
+    skipped = [n for n in not_measured if n not in nonfinite]
+    if skipped:
+        warnings.append(f"{len(skipped)} layers are not measured and left out of every number "
+                        f"({'; '.join(sorted(skipped_kinds))}; first: {skipped[0]})")
+    if total == 0:
+        warnings.append("every measured UNet layer's change is zero (an untrained LoRA, or lora_up all zeros)")
+    return AnalyzeReport(
+        file=str(lora.path),
+        model=guess_model(lora).model,
+        spellings=list(lora.spellings),
+        unet_modules=len(unet),
+        unet_norm=math.sqrt(total),
+        blocks=rows,
+        kinds=kinds,
+        blora=blora,
+        blora_attention_share=coverage,
+        text_encoders=te_rows,
+        text_encoder_norm=te_norm,
+        suggestion=suggestion,
+        not_measured=not_measured,
+        warnings=warnings,
+    )
+
+
+def _pct(x: float) -> str:
+    """``0.8612`` -> ``86%``; small but nonzero shares are not shown as 0."""
+    if 0 < x < 0.005:
+        return "<1%" if x >= 0.0005 else "<0.1%"
+    return f"{100 * x:.0f}%"
+
+
+def _roles_text(roles) -> str:
+    names = [_LABEL[r] for r in roles]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _suggest(lora, unet, energy, rows, blora, total, attn_unet, coverage) -> Suggestion:
+    """The rule in the module docstring, as text and a command line."""
+    none = lambda text: Suggestion(roles=[], text=text, command=None, kept_share=0.0)  # noqa: E731
+    where = ", ".join(f"{b.role} {b.ldm}" for b in BLOCKS)
+    top = max(rows, key=lambda r: r.share, default=None)
+    if total == 0:
+        return none("every UNet layer's change is zero: there is nothing to extract")
+    if not any(b.modules for b in blora):
+        return none(f"this LoRA has no attention layers in the B-LoRA blocks ({where}), so B-LoRA cannot separate "
+                    f"its content and style; most of its change is in {top.block} ({_pct(top.share)})")
+    if attn_unet == 0:
+        return none(f"this LoRA changes no attention layer (its attention layers' change is zero); most of its "
+                    f"change is in {top.block} ({_pct(top.share)}): there is nothing B-LoRA would extract")
+    if coverage < ALMOST_NONE:
+        attn_rows = sorted(((r, sum(r.kinds.get(k, 0.0) ** 2 for k in ATTENTION_KINDS)) for r in rows),
+                           key=lambda x: -x[1])
+        most = attn_rows[0][0].block
+        return none(f"almost none of this LoRA's attention change is in the B-LoRA blocks ({_pct(coverage)}; "
+                    f"most is in {most}): extracting them would drop nearly all of its effect")
+    ranked = sorted(blora, key=lambda b: -b.share)
+    lead = ranked[0]
+    if lead.share >= DOMINANT_SHARE:
+        roles = [lead.role]
+        text = (f"{_pct(lead.share)} of the attention change in the B-LoRA blocks is in {lead.block} ({lead.role}): "
+                f"this LoRA is mostly {_LABEL[lead.role]}")
+    else:
+        roles = [b.role for b in blora if b.share >= PART_SHARE]
+        split = ", ".join(f"{b.role} {_pct(b.share)}" for b in blora if b.modules)
+        text = f"the attention change in the B-LoRA blocks is split ({split}): this LoRA holds {_roles_text(roles)}"
+    kept = sum(energy[m.name] for m in unet if m.name in energy and m.role in roles and kind_of(m) in ATTENTION_KINDS)
+    kept_share = kept / total
+    if coverage < LOW_COVERAGE:
+        text += (f"; note that only {_pct(coverage)} of its attention change is in the B-LoRA blocks, so the "
+                 "extracted file keeps only part of its effect")
+    keep = {m.name for m in unet if m.role in roles and kind_of(m) in ATTENTION_KINDS}
+    if keep == set(lora.modules):
+        text += f"; {lora.path.name} holds only those layers already, so there is nothing to extract"
+        return Suggestion(roles=roles, text=text, command=None, kept_share=kept_share)
+    out = lora.path.with_name(f"{lora.path.stem}_{'_'.join(roles)}.safetensors")
+    command = (f"blora-network extract {shlex.quote(str(lora.path))} --blocks {','.join(roles)} "
+               f"-o {shlex.quote(str(out))}")
+    return Suggestion(roles=roles, text=text, command=command, kept_share=kept_share)
