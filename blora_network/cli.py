@@ -158,9 +158,9 @@ def _cmd_inspect(args) -> int:
         norm = f"{b.norm:.4g}" if b.norm is not None else "-"
         print(f"  {b.role:<8} {where:<22} {b.modules:>6} {ranks:>9} {alphas:>9} {','.join(b.algos):<10} {norm:>10}")
     if rep.training:
-        print("training: " + "; ".join(f"{k} {v}" for k, v in rep.training.items() if k != "network args"))
+        print(_printable("training: " + "; ".join(f"{k} {v}" for k, v in rep.training.items() if k != "network args")))
     for w in rep.warnings:
-        print(f"warning: {w}")
+        print(_printable(f"warning: {w}"))
     return 0
 
 
@@ -458,4 +458,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
+    return _printable(" ".join(str(e).split()))
+
+
+def _printable(text: str) -> str:
+    """Text from a file (metadata, key names) with control characters shown as escapes.
+
+    Metadata is anybody's text: an ESC or BEL printed raw could clear the screen, retitle the
+    terminal or hide lines. ``--json`` escapes them by itself.
+    """
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)

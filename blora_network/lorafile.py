@@ -31,6 +31,7 @@ not linear in dW: it can be moved, not scaled.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,8 +200,8 @@ def _parse_key(key: str) -> Optional[tuple[str, str, str, str]]:
     """``key`` -> ``(canonical module, kohya suffix, spelling, module as spelled)``, or None."""
     if key.startswith(_KOHYA_PREFIXES):
         module, _, suffix = key.partition(".")
-        spelling = "kohya" if _canonical_kohya_name(module) == module else "kohya-diffusers"
-        return _canonical_kohya_name(module), suffix, spelling, module
+        canonical = _canonical_kohya_name(module)
+        return canonical, suffix, "kohya" if canonical == module else "kohya-diffusers", module
     for spelled, suffix in _DIFFUSERS_SUFFIXES.items():
         if key.endswith("." + spelled):
             path = key[: -len(spelled) - 1]
@@ -359,6 +360,8 @@ class LoraFile:
     """Tensor names that are not LoRA layers (e.g. a textual-inversion embedding)."""
     dtypes: dict[str, int] = field(default_factory=dict)
     """dtype -> number of tensors."""
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Tensor name -> ``(start, end)`` byte offsets of its data in the file (for prefetching)."""
 
     # -- grouping ------------------------------------------------------------------------------
     def roles(self) -> list[str]:
@@ -404,8 +407,12 @@ class LoraFile:
     @contextlib.contextmanager
     def reader(self) -> Iterator["TensorReader"]:
         """A lazy handle: ``r.tensors(module)`` reads that module's tensors and nothing else."""
-        with open_safetensors(self.path) as handle:
-            yield TensorReader(self, handle)
+        with open_safetensors(self.path, check=not self.spans) as handle:  # open_lora checked it
+            reader = TensorReader(self, handle)
+            try:
+                yield reader
+            finally:
+                reader.close()
 
 
 class TensorReader:
@@ -414,8 +421,11 @@ class TensorReader:
     def __init__(self, lora: LoraFile, handle):
         self._lora = lora
         self._handle = handle
+        self._plan: Optional[_PrefetchPlan] = None
 
     def get(self, key: str) -> torch.Tensor:
+        if self._plan is not None:
+            self._plan.reached(key)
         try:
             return self._handle.get_tensor(key)
         except Exception as e:  # safetensors raises its own error type for damaged data
@@ -423,7 +433,90 @@ class TensorReader:
 
     def tensors(self, module: LoraModule) -> dict[str, torch.Tensor]:
         """kohya suffix -> tensor for one module (the file's dtype, no copy where possible)."""
+        if self._plan is not None:
+            self._plan.reached(module.name)
         return {suffix: self.get(key) for suffix, key in module.keys.items()}
+
+    def prefetch(self, modules, keys=()) -> None:
+        """Announce that these modules (then ``keys``) will be read, in this order.
+
+        safetensors reads through ``mmap``, and a page fault on an uncached page reads the
+        device's whole readahead window around it (8 MiB on some disks), pulling in skipped
+        tensors next to kept ones. Instead, each :meth:`tensors` call first asks the kernel
+        (``posix_fadvise(WILLNEED)``, in 2 MiB requests, which it never truncates) for
+        exactly the planned bytes up to 64 MiB past that module: reads start early and
+        touch kept bytes only. Best effort: nothing happens where ``posix_fadvise`` is
+        missing or fails, and reading works the same.
+        """
+        self._plan = _PrefetchPlan.make(self._lora, [(m.name, list(m.keys.values())) for m in modules]
+                                        + [(k, [k]) for k in keys])
+        if self._plan is not None:
+            self._plan.advance(0)
+
+    def close(self) -> None:
+        if self._plan is not None:
+            self._plan.close()
+            self._plan = None
+
+
+_PREFETCH_CHUNK = 2 << 20  # the kernel caps one WILLNEED request at max(readahead window, io size)
+_PREFETCH_AHEAD = 64 << 20
+
+
+class _PrefetchPlan:
+    """The byte ranges a reader will read, in reading order, handed to the kernel a window ahead."""
+
+    def __init__(self, path: Path, chunks: list[tuple[int, int]], ends: dict[str, int]):
+        self.chunks, self.ends = chunks, ends
+        self.next = 0
+        self.issued = 0
+        self.fd: Optional[int] = os.open(path, os.O_RDONLY)
+
+    @classmethod
+    def make(cls, lora: "LoraFile", items: list[tuple[str, list[str]]]) -> Optional["_PrefetchPlan"]:
+        if not hasattr(os, "posix_fadvise") or not lora.spans:
+            return None
+        chunks: list[list[int]] = []
+        ends: dict[str, int] = {}
+        total = 0
+        for name, keys in items:
+            for lo, hi in sorted(lora.spans[k] for k in keys if k in lora.spans):
+                total += hi - lo
+                while lo < hi:
+                    if chunks and chunks[-1][1] == lo and chunks[-1][1] - chunks[-1][0] < _PREFETCH_CHUNK:
+                        take = min(hi, chunks[-1][0] + _PREFETCH_CHUNK)
+                        chunks[-1][1] = take
+                    else:
+                        take = min(hi, lo + _PREFETCH_CHUNK)
+                        chunks.append([lo, take])
+                    lo = take
+            ends[name] = total
+        try:
+            return cls(lora.path, [(a, b) for a, b in chunks], ends)
+        except OSError:
+            return None
+
+    def advance(self, upto: int) -> None:
+        """Issue the planned requests up to ``upto`` bytes of reading plus the look-ahead window."""
+        while self.fd is not None and self.next < len(self.chunks) and self.issued < upto + _PREFETCH_AHEAD:
+            a, b = self.chunks[self.next]
+            try:
+                os.posix_fadvise(self.fd, a, b - a, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                self.close()
+                return
+            self.issued += b - a
+            self.next += 1
+
+    def reached(self, name: str) -> None:
+        end = self.ends.get(name)
+        if end is not None:
+            self.advance(end)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _block_sort_key(block: str):
@@ -444,6 +537,8 @@ def open_lora(path, *, progress=None) -> LoraFile:
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise LoraFileError(f"{p}: corrupt safetensors header (__metadata__ is not a mapping)")
+    data_start = 8 + _header_length(p)
+    spans: dict[str, tuple[int, int]] = {}
     grouped: dict[str, dict] = {}
     unparsed: list[str] = []
     spellings: list[str] = []
@@ -452,6 +547,9 @@ def open_lora(path, *, progress=None) -> LoraFile:
         if not isinstance(info, dict) or "shape" not in info or "dtype" not in info:
             raise LoraFileError(f"{p}: corrupt safetensors header (entry {key!r} has no shape/dtype)")
         dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
+        offsets = info.get("data_offsets")
+        if isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(x, int) for x in offsets):
+            spans[key] = (data_start + offsets[0], data_start + offsets[1])
         parsed = _parse_key(key)
         if parsed is None:
             unparsed.append(key)
@@ -494,7 +592,13 @@ def open_lora(path, *, progress=None) -> LoraFile:
         spellings=tuple(spellings),
         unparsed=tuple(unparsed),
         dtypes=dtypes,
+        spans=spans,
     )
+
+
+def _header_length(path: Path) -> int:
+    with path.open("rb") as f:
+        return int.from_bytes(f.read(8), "little")
 
 
 # -- the math ---------------------------------------------------------------------------------

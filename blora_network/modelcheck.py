@@ -47,6 +47,12 @@ def describe_unet(unet: torch.nn.Module) -> str:
     ctx = _context_dims(unet)
     ctx_text = f" (cross-attention context {', '.join(map(str, sorted(ctx)))})" if ctx else ""
     if any(n.startswith(("down_blocks.", "up_blocks.", "mid_block.")) for n in names):
+        if ctx and max(ctx) in (768, 1024):  # sd-scripts' own SD1.x/SD2 UNet has diffusers names
+            return (
+                "the model looks like an SD1.x/SD2 UNet" + ctx_text + " (diffusers names, as sd-scripts' "
+                "train_network.py loads SD1.x/SD2); B-LoRA's blocks exist only in SDXL: train with "
+                "sdxl_train_network.py and an SDXL checkpoint"
+            )
         return (
             "the model has diffusers names (down_blocks / mid_block / up_blocks)" + ctx_text + ", but sd-scripts' "
             "SDXL UNet uses LDM names (input_blocks / middle_block / output_blocks): B-LoRA's content block is "

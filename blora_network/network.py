@@ -25,20 +25,26 @@ import torch
 from lycoris.kohya import LycorisNetworkKohya
 from lycoris.modules import get_module, make_module
 
+try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
+    from lycoris.wrapper import network_module_dict as _LYCORIS_ALGOS
+except ImportError:  # pragma: no cover - depends on the installed LyCORIS
+    _LYCORIS_ALGOS = None
+
 from .blocks import BLOCKS, role_of_kohya_key
 from .errors import LoraFileError, NetworkArgsError, PresetError
 from .metadata import blora_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
 from .options import NetworkOptions, parse_network_args
 from .presets import Preset, load_preset
-from .safefile import PICKLE_SUFFIXES, load_tensors, write_safetensors_hashed
+from .safefile import PICKLE_SUFFIXES, check_output_path, load_tensors, write_safetensors_hashed
 
 __all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "TEXT_ENCODER_ATTENTION_CLASSES"]
 
 logger = logging.getLogger("blora_network")
 
-TEXT_ENCODER_ATTENTION_CLASSES = ("CLIPAttention", "CLIPSdpaAttention")
-"""transformers >= 4.48 names CLIP's attention ``CLIPAttention``; 4.44 (old sd-scripts) ``CLIPSdpaAttention``."""
+TEXT_ENCODER_ATTENTION_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2")
+"""transformers >= 4.48 names CLIP's attention ``CLIPAttention``; 4.44 (old sd-scripts) ``CLIPSdpaAttention``
+(``CLIPFlashAttention2`` with flash attention)."""
 
 _PRESET_ATTRS = (
     "ENABLE_CONV",
@@ -138,7 +144,8 @@ class BLoRANetwork(LycorisNetworkKohya):
         if check_matches and preset.trains_unet:
             check_preset_matches(preset, unet)
         lyco_preset = preset.lycoris_dict()
-        if preset.exclude_name and not hasattr(LycorisNetworkKohya, "TARGET_EXCLUDE_NAME"):
+        # 3.x/4.0 inherit TARGET_EXCLUDE_NAME from LycorisNetwork but ignore it; is_excluded came with 4.1
+        if preset.exclude_name and not hasattr(LycorisNetworkKohya, "is_excluded"):
             raise PresetError(
                 f"preset {preset.name!r} ({preset.source}) uses exclude_name, which needs lycoris-lora>=4.1; "
                 r"upgrade lycoris-lora or use a negative lookahead such as '^(?!.*(ff\.net|proj)).*output_blocks\.0\.1\..*$'"
@@ -153,6 +160,17 @@ class BLoRANetwork(LycorisNetworkKohya):
                         {"algo": options.algo, "dim": dim, "alpha": options.alpha_for(block.role)},
                     )
         lyco_preset["name_algo_map"] = name_map
+        if _LYCORIS_ALGOS is not None:
+            known = ", ".join(sorted(_LYCORIS_ALGOS))
+            if options.algo not in _LYCORIS_ALGOS:
+                raise NetworkArgsError(f"network_args algo={options.algo!r}: unknown LyCORIS algorithm; this lycoris-lora knows {known}")
+            for key in ("module_algo_map", "name_algo_map"):
+                for target, config in lyco_preset[key].items():
+                    if isinstance(config, dict) and config.get("algo", options.algo) not in _LYCORIS_ALGOS:
+                        raise PresetError(
+                            f"preset {preset.name!r} ({preset.source}): {key} {target!r} uses algo {config['algo']!r}, "
+                            f"unknown to LyCORIS; this lycoris-lora knows {known}"
+                        )
         if options.train_text_encoder and not preset.trains_text_encoder:
             lyco_preset["text_encoder_target_module"] = list(TEXT_ENCODER_ATTENTION_CLASSES)
         lyco = dict(options.lycoris)
@@ -181,6 +199,15 @@ class BLoRANetwork(LycorisNetworkKohya):
         te = text_encoder if (options.train_text_encoder or preset.trains_text_encoder) else None
         with _lycoris_preset(lyco_preset):
             super().__init__(te, unet, **kwargs)
+        if check_matches and te is not None and not self.text_encoder_loras:
+            wanted = lyco_preset["text_encoder_target_module"] + lyco_preset["text_encoder_target_name"]
+            encoders = te if isinstance(te, (list, tuple)) else [te]
+            found = sorted({type(m).__name__ for enc in encoders for m in enc.modules() if "Attention" in type(m).__name__})
+            raise PresetError(
+                f"train_text_encoder is on but no text-encoder module matches {', '.join(map(repr, wanted))}; "
+                f"the text encoder's attention classes are {', '.join(found) or '(none)'}. Add them to "
+                "text_encoder_target_module in a preset file, or leave train_text_encoder off"
+            )
         # Keep this network's own view of the preset, whatever the class holds later.
         for attr, key in (("USE_FNMATCH", "use_fnmatch"), ("TARGET_EXCLUDE_NAME", "exclude_name"), ("NAME_ALGO_MAP", "name_algo_map")):
             setattr(self, attr, lyco_preset[key])
@@ -383,9 +410,15 @@ class BLoRANetwork(LycorisNetworkKohya):
         )
         path = Path(file)
         if path.suffix.lower() in PICKLE_SUFFIXES:
+            check_output_path(path, overwrite=True)
             tmp = path.with_name(f".{path.name}.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)
+            try:
+                torch.save(state, tmp)
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
             return
         write_safetensors_hashed(path, state, meta)
 
@@ -403,7 +436,7 @@ def read_weights(file) -> dict[str, torch.Tensor]:
                 f"{path}: refused to load this pickle file safely ({type(e).__name__}); only plain tensors "
                 "are accepted from .pt/.ckpt files. Prefer .safetensors"
             ) from None
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
             raise LoraFileError(f"{path}: not a LoRA state dict (expected a dict of tensors)")
         weights = state
     else:
@@ -411,7 +444,7 @@ def read_weights(file) -> dict[str, torch.Tensor]:
     if not weights:
         raise LoraFileError(f"{path}: the file holds no tensors")
     for key, tensor in weights.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():  # float(): no isfinite for fp8
             raise LoraFileError(
                 f"{path}: tensor {key} holds NaN or Inf; the training that wrote it diverged. Use an earlier save"
             )

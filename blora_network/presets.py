@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -179,6 +180,27 @@ def _check_type(where: str, key: str, value: Any, want: type) -> Any:
     return value
 
 
+_ALGO_NUMBERS = ("dim", "alpha", "conv_dim", "conv_alpha", "factor", "block_size", "dropout", "rank_dropout",
+                 "module_dropout", "constraint")
+
+
+def _check_algo_config(where: str, key: str, config: Any) -> None:
+    """One ``module_algo_map``/``name_algo_map`` entry: a table whose algo is a string and whose
+    numbers are numbers (LyCORIS would otherwise fail deep inside with a KeyError or TypeError)."""
+    if not isinstance(config, Mapping):
+        raise PresetError(f"{where}: {key} must be a table such as {{ algo = 'lora', dim = 8 }}, got {config!r}")
+    if "algo" in config and not isinstance(config["algo"], str):
+        raise PresetError(f"{where}: {key}.algo must be a string such as 'lora', got {config['algo']!r}")
+    for name in _ALGO_NUMBERS:
+        if name not in config:
+            continue
+        value = config[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PresetError(f"{where}: {key}.{name} must be a number, got {value!r}")
+        if name in ("dim", "conv_dim") and (value < 0 or not float(value).is_integer()):
+            raise PresetError(f"{where}: {key}.{name} must be a whole number >= 0 (0: the network's dim), got {value!r}")
+
+
 def _unknown_key(where: str, key: str, allowed: Iterable[str], table: str = "") -> PresetError:
     allowed = sorted(allowed)
     close = difflib.get_close_matches(key, allowed, n=1)
@@ -212,6 +234,9 @@ def preset_from_dict(raw: Mapping[str, Any], *, name: str, source: str) -> Prese
             raise PresetError(f"{source}: blora.{key} must not be negative, got {value}")
         else:
             settings[key] = value
+    for key in ("module_algo_map", "name_algo_map"):
+        for target, config in values.get(key, {}).items():
+            _check_algo_config(source, f"{key}.{target!r}", config)
     use_fnmatch = bool(values.get("use_fnmatch", False))
     if not use_fnmatch:
         for key in ("unet_target_name", "text_encoder_target_name", "exclude_name"):

@@ -49,11 +49,13 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def _check_header(path: Path) -> None:
-    """Read the 8-byte header length and the JSON header ourselves, for errors that teach."""
+def _check_header(path: Path) -> dict:
+    """Read the 8-byte header length and the JSON header ourselves, for errors that teach.
+    Returns the parsed header."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
+            _header_only(f)
             head = f.read(8)
             if len(head) < 8:
                 raise LoraFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
@@ -78,28 +80,36 @@ def _check_header(path: Path) -> None:
         raise LoraFileError(f"{path}: permission denied") from None
     except (UnicodeDecodeError, ValueError) as e:
         raise LoraFileError(f"{path}: not a safetensors file (its header is not valid JSON: {e})") from None
-    data_end = max(
-        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
-         and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2),
-        default=0,
-    )
+    try:
+        data_end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+             and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2),
+            default=0,
+        )
+    except (TypeError, ValueError):
+        raise LoraFileError(f"{path}: not a safetensors file (its header has malformed data_offsets)") from None
     if 8 + n + data_end > size:
         raise LoraFileError(
             f"{path}: truncated safetensors file: its header describes {8 + n + data_end} bytes but "
             f"only {size} are there (the download or the save did not finish; get the file again)"
         )
+    return header
 
 
 @contextlib.contextmanager
-def open_safetensors(path: str | os.PathLike) -> Iterator:
+def open_safetensors(path: str | os.PathLike, *, check: bool = True) -> Iterator:
     """``safe_open`` with our errors: a lazy handle that reads only the tensors asked for.
+
+    ``check=False`` skips our own reading of the header, for a file whose header was just
+    read and checked (safetensors still validates it; its errors still become ours).
 
     >>> with open_safetensors("lora.safetensors") as f:   # doctest: +SKIP
     ...     up = f.get_tensor(next(iter(f.keys())))
     """
     p = Path(path)
     _refuse_pickle(p)
-    _check_header(p)
+    if check:
+        _check_header(p)
     try:
         handle = safe_open(str(p), framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError for every kind of damage
@@ -165,6 +175,15 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: tuple
     return p
 
 
+def _temp_beside(p: Path) -> tuple[int, str]:
+    """A temporary file in the target's folder (same filesystem, so the final rename is atomic)."""
+    folder = p.parent if str(p.parent) else Path(".")
+    try:
+        return tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(folder))
+    except OSError as e:  # e.g. root on a read-only mount, where os.access says yes
+        raise LoraFileError(f"{p}: folder {folder} is not writable ({e.strerror or e})") from None
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
@@ -180,7 +199,7 @@ def write_safetensors(
     p = check_output_path(path, overwrite=overwrite, inputs=inputs)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent if str(p.parent) else "."))
+    fd, tmp = _temp_beside(p)
     os.close(fd)
     try:
         st_save_file(contiguous, tmp, metadata=meta or None)
@@ -199,10 +218,15 @@ def read_header(path: str | os.PathLike) -> dict:
     """The parsed JSON header (names, dtypes, shapes, offsets, ``__metadata__``), no tensor read."""
     p = Path(path)
     _refuse_pickle(p)
-    _check_header(p)
-    with p.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        return json.loads(f.read(n))
+    return _check_header(p)
+
+
+def _header_only(f) -> None:
+    """No readahead on this handle: it reads the header, and the kernel would otherwise read
+    megabytes of tensor data after it (the tools read only the tensors they keep)."""
+    if hasattr(os, "posix_fadvise"):
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
 
 
 __all__.append("read_header")
@@ -225,6 +249,7 @@ def write_safetensors_hashed(
     overwrite: bool = True,
     inputs: tuple = (),
     on_bytes=None,
+    durable: bool = True,
 ) -> tuple[Path, str, str]:
     """:func:`write_safetensors` plus fresh ``sshs_model_hash``/``sshs_legacy_hash`` in the metadata.
 
@@ -234,6 +259,12 @@ def write_safetensors_hashed(
     with fixed-width placeholders that are patched in place before the rename. The layout is
     checked against the written header; if it ever differs, the data section is hashed from
     the file instead. ``on_bytes(n)`` reports hashing progress.
+
+    ``durable=False`` skips the fsync before the rename. The write stays atomic against a
+    killed process or a failed write (the target is absent or as it was); only a power cut
+    or kernel crash within the kernel's writeback delay (~30 s) could then leave a new
+    target empty. The file tools use it for new files (their inputs are never touched, so
+    nothing is lost) and keep the fsync when replacing a file.
     Returns ``(path, sshs_model_hash, sshs_legacy_hash)``.
     """
     import threading
@@ -259,14 +290,15 @@ def write_safetensors_hashed(
         except BaseException as e:  # surfaced in the caller's thread
             hashed["error"] = e
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent if str(p.parent) else "."))
+    fd, tmp = _temp_beside(p)
     os.close(fd)
     worker = threading.Thread(target=hash_in_order, name="sshs-hash", daemon=True)
     try:
         worker.start()
         st_save_file(contiguous, tmp, metadata=meta)
         with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())  # the data goes to disk while the hash thread finishes
             worker.join()
             if "error" in hashed:
                 raise hashed["error"]
@@ -295,7 +327,8 @@ def write_safetensors_hashed(
                 f.seek(8 + at + len(needle) - len(value) - 1)
                 f.write(value.encode("ascii"))
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, _final_mode(p))
         os.replace(tmp, p)
     except BaseException:
@@ -307,10 +340,18 @@ def write_safetensors_hashed(
 
 
 def _data_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """The order safetensors writes these tensors in, asked of safetensors itself (empty stand-ins)."""
-    blob = st_save({k: torch.empty(0, dtype=v.dtype) for k, v in tensors.items()})
-    n = int.from_bytes(blob[:8], "little")
-    return [k for k in json.loads(blob[8:8 + n]) if k != "__metadata__"]
+    """The order safetensors writes these tensors in: by dtype, in the order safetensors itself
+    gives (asked with one empty stand-in per dtype), then by name. A guess that safetensors
+    ever contradicts only costs speed: the caller checks the written layout."""
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for k, v in tensors.items():
+        by_dtype.setdefault(v.dtype, []).append(k)
+    dtypes = list(by_dtype)
+    if len(dtypes) > 1:
+        blob = st_save({str(i): torch.empty(0, dtype=dt) for i, dt in enumerate(dtypes)})
+        n = int.from_bytes(blob[:8], "little")
+        dtypes = [dtypes[int(k)] for k in json.loads(blob[8:8 + n]) if k != "__metadata__"]
+    return [k for dt in dtypes for k in sorted(by_dtype[dt])]
 
 
 def _layout_is(header: Mapping, order: list[str]) -> bool:

@@ -250,9 +250,14 @@ def _write(output, tensors: dict[str, torch.Tensor], metadata: dict[str, str], w
            force: bool, inputs: Sequence[Path], progress: Optional[Progress], weights=None,
            warnings=()) -> WrittenFile:
     total = sum(t.numel() * t.element_size() for t in tensors.values())
+    # fsync only when replacing a file: a new output lost to a power cut is lost alone (the
+    # inputs are never written) and is made again in seconds; an fsync costs ~0.1-0.3 s per
+    # 100-300 MB (issue 5, benchmarks/RESULTS.md section 4). sd-scripts does not fsync at all.
+    replacing = Path(output).exists()
     with _bar(progress, total, f"hashing {Path(output).name}") as bar:
         path, model_hash, _ = write_safetensors_hashed(
-            output, tensors, metadata, overwrite=force, inputs=tuple(inputs), on_bytes=bar.update
+            output, tensors, metadata, overwrite=force, inputs=tuple(inputs), on_bytes=bar.update,
+            durable=replacing,
         )
     return WrittenFile(
         path=str(path),
@@ -270,9 +275,11 @@ def _gather(lora: LoraFile, reader, modules: Sequence[LoraModule], out: dict, wr
             progress: Optional[Progress], weights: Mapping[str, float] | None = None, desc: str = "") -> None:
     """Read ``modules`` (and only those), scale each by its block's weight, add under kohya keys."""
     weights = weights or {}
-    with _bar(progress, sum(m.nbytes for m in modules), desc or f"reading {lora.path.name}") as bar:
+    reader.prefetch(modules)
+    with _bar(progress, sum(m.nbytes for m in modules), desc or f"reading {lora.path.name}") as bar, _torch_threads(1):
         for m in modules:
             tensors = reader.tensors(m)
+            _refuse_nonfinite(lora, m, tensors)
             w = weights.get(m.role, 1.0) if m.role else 1.0
             if w != 1.0:
                 tensors = scale_module_tensors(m, tensors, w, where=f"{lora.path}: ")
@@ -283,6 +290,16 @@ def _gather(lora: LoraFile, reader, modules: Sequence[LoraModule], out: dict, wr
             out.update(entry)
             written.add(m, tensors)
             bar.update(m.nbytes)
+
+
+def _refuse_nonfinite(lora: LoraFile, m: LoraModule, tensors: Mapping[str, torch.Tensor]) -> None:
+    """A NaN/Inf copied into a new file gives black images wherever the file goes; stop here."""
+    for suffix, t in tensors.items():
+        if not _finite(t):
+            raise LoraFileError(
+                f"{lora.path}: tensor {m.keys.get(suffix, m.name + '.' + suffix)} holds NaN or Inf; the training that "
+                "wrote it diverged, so nothing was written. Use an earlier save (inspect lists every such tensor)"
+            )
 
 
 def _check_weight(role: str, w: float) -> float:
@@ -366,7 +383,9 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
     alphas: dict[str, set] = {g: set() for g in groups}
     alpha_rank_pairs: dict[str, set] = {g: set() for g in groups}
     total = sum(m.nbytes for m in lora.modules.values())
-    with lora.reader() as reader, _bar(progress, total, f"reading {lora.path.name}") as bar:
+    default_threads = torch.get_num_threads()
+    with lora.reader() as reader, _bar(progress, total, f"reading {lora.path.name}") as bar, _torch_threads(1):
+        reader.prefetch([m for modules in groups.values() for m in modules], lora.unparsed)
         for group, modules in groups.items():
             for m in modules:
                 tensors = reader.tensors(m)
@@ -376,7 +395,9 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
                     alpha_rank_pairs[group].add((m.rank, a))
                 value: Optional[float] = None
                 if norms and m.algo != "other" and not m.dora:
-                    value = delta_norm_sq(m.algo, tensors)
+                    big = _norm_work(m) >= _PARALLEL_WORK
+                    with _torch_threads(default_threads if big else 1):
+                        value = delta_norm_sq(m.algo, tensors)
                 if value is None or not math.isfinite(value):
                     nonfinite += [m.keys[s] for s, t in tensors.items() if not _finite(t)]
                 if value is None or norms_sq[group] is None:
@@ -426,6 +447,42 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
         tensors=sum(len(m.keys) for m in lora.modules.values()) + len(lora.unparsed),
         nonfinite_tensors=nonfinite,
     )
+
+
+_PARALLEL_WORK = 1 << 29
+"""Multiply-adds above which a layer's norm is worth torch's thread pool (~10 ms on one core)."""
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run on ``n`` torch threads, restored after.
+
+    The tools' per-layer math is small (a few ms). Handing such ops to OpenMP threads gains
+    little on idle cores and costs ~10-30 ms per op when another process holds a core (the
+    usual case beside a training run): inspect of an 800 MB rank-128 file took 8.1 s with 2
+    threads on 2 shared cores instead of ~2 s on one. So small work runs on one thread.
+    """
+    before = torch.get_num_threads()
+    if n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _norm_work(m: LoraModule) -> int:
+    """About how many multiply-adds ``delta_norm_sq`` costs for this layer (Gram matrices for LoRA)."""
+    if m.rank is None or m.out_features is None or m.in_features is None:
+        return 0
+    inner = max((_numel(shape[1:]) for s, shape in m.shapes.items() if s == "lora_down.weight"), default=m.in_features)
+    return m.rank * m.rank * (m.out_features + inner) if m.algo == "lora" else m.rank * m.out_features * inner
+
+
+def _numel(shape) -> int:
+    return math.prod(int(d) for d in shape)
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -526,17 +583,30 @@ def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: b
     targets = split_paths(lora.path, out_dir, chosen)
     for target in targets.values():  # refuse before writing anything
         _check_output(target, [lora.path], force)
-    files = []
+    parts = []
     with lora.reader() as reader:
+        # Every block is read (and checked) before the first file is written: a bad tensor in
+        # the style block must not leave a content file behind.
         for role in chosen:
-            modules = lora.role_modules(role)
             tensors: dict[str, torch.Tensor] = {}
             written = _Written()
-            _gather(lora, reader, modules, tensors, written, progress, desc=f"reading {role}")
+            _gather(lora, reader, lora.role_modules(role), tensors, written, progress, desc=f"reading {role}")
+            parts.append((role, tensors, written))
+    files, created = [], []
+    try:
+        for role, tensors, written in parts:
             weights = _cumulative_weights(lora, {}, [role])
             meta = _output_metadata(lora.metadata, written, [_source_entry(lora, [role], {role: 1.0})], weights)
+            new = not targets[role].exists()
             files.append(_write(targets[role], tensors, meta, written, force=force, inputs=[lora.path],
                                 progress=progress, weights=weights))
+            if new:
+                created.append(targets[role])
+    except BaseException:  # a failed write (disk full): no partial set of new files
+        for target in created:
+            with contextlib.suppress(OSError):
+                target.unlink()
+        raise
     skipped = sum(1 for m in lora.modules.values() if m.role is None)
     return SplitResult(source=str(lora.path), files=files, skipped_modules=skipped)
 
@@ -694,9 +764,11 @@ def convert(path, output, *, to: str = "kohya", force: bool = False,
         if to == "kohya":
             _gather(lora, reader, modules, tensors, written, progress)
         else:
-            with _bar(progress, sum(m.nbytes for m in modules), f"reading {lora.path.name}") as bar:
+            reader.prefetch(modules)
+            with _bar(progress, sum(m.nbytes for m in modules), f"reading {lora.path.name}") as bar, _torch_threads(1):
                 for m in modules:
                     src = reader.tensors(m)
+                    _refuse_nonfinite(lora, m, src)
                     tensors.update(_diffusers_entry(m, src, to))
                     written.add(m, {"lora_down.weight": src["lora_down.weight"]})  # alpha = rank from now on
                     bar.update(m.nbytes)

@@ -129,6 +129,35 @@ def _umask() -> int:
     return m
 
 
+def test_hash_order_is_the_written_layout_for_mixed_dtypes_and_names():
+    """The hash thread hashes in _data_order's order; the file must be laid out in that order
+    (else the hash is taken again from the file: right, but slower)."""
+    from safetensors.torch import save
+
+    from blora_network.safefile import _data_order, _layout_is
+
+    names = ["b.alpha", "a.lora_up.weight", "Z_x", "é1", "a_b", "a.lora_down.weight", "_"]
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.float64, torch.uint8, torch.bool]
+    t = {n: torch.zeros(2, dtype=dtypes[i % k]) for k in (1, 2, 7) for i, n in enumerate(names)}
+    blob = save(t)
+    header = json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])
+    assert _layout_is(header, _data_order(t))
+
+
+def test_tools_fsync_only_when_replacing_a_file(tmp_path, monkeypatch, trained):
+    """A new output is not fsynced (the inputs are never touched); replacing one is."""
+    import blora_network.safefile as safefile
+
+    synced = []
+    real = safefile.os.fsync
+    monkeypatch.setattr(safefile.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    out = tmp_path / "c.safetensors"
+    tools.extract(trained, ["content"], out)
+    assert synced == []
+    tools.extract(trained, ["content"], out, force=True)
+    assert len(synced) == 2  # the data, then the patched header
+
+
 # -- inspect ----------------------------------------------------------------------------------
 
 def test_inspect_reports_blocks_ranks_norms_and_metadata(trained):

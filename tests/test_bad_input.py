@@ -1,0 +1,397 @@
+"""Bad input: one clear message, nothing lost.
+
+One table, one row per mistake users make: what they do (through sd-scripts' calls or the
+CLI), the exception type or exit status they get, and the words the message must contain.
+The last section is security: no code runs from a weights file or a preset, metadata is text.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Union
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import blora_network
+from blora_network.cli import main as cli_main
+from blora_network.errors import LoraFileError, NetworkArgsError, PresetError
+from blora_network.presets import builtin_names, load_preset
+from blora_network.safefile import MAX_METADATA_BYTES, load_tensors, read_metadata, write_safetensors
+from blora_network.sdxl import TINY, build_unet
+from lora_factories import write_sd1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- helpers the rows use ---------------------------------------------------------------------------
+
+
+def make(unet=None, dim=4, **kwargs):
+    return blora_network.create_network(1.0, dim, 1, None, None, unet if unet is not None else build_unet(TINY), **kwargs)
+
+
+def applied(preset="content_style", dim=4):
+    unet = build_unet(TINY)
+    network = make(unet, dim=dim, preset=preset)
+    network.apply_to(None, unet, False, True)
+    return network
+
+
+def preset_file(tmp: Path, text: str, name="mine.toml") -> str:
+    path = tmp / name
+    path.write_text(text)
+    return str(path)
+
+
+def diffusers_named_unet(context_dim: int) -> nn.Module:
+    """A UNet tree with diffusers names (down_blocks/up_blocks/attentions), like diffusers' SDXL
+    UNet or sd-scripts' own SD1.x/SD2 UNet (library/original_unet.py), at a tiny width."""
+    root = nn.Module()
+    root.conv_in = nn.Conv2d(4, 8, 1)
+    for side in ("down_blocks", "up_blocks"):
+        blocks = nn.ModuleList()
+        for _ in range(2):
+            block = nn.Module()
+            block.attentions = nn.ModuleList([nn.Module()])
+            attention = block.attentions[0]
+            attention.proj_in = nn.Linear(8, 8)
+            attention.transformer_blocks = nn.ModuleList([nn.Module()])
+            for name, ctx in (("attn1", 8), ("attn2", context_dim)):
+                attn = nn.Module()
+                attn.to_q, attn.to_k, attn.to_v = nn.Linear(8, 8), nn.Linear(ctx, 8), nn.Linear(ctx, 8)
+                attn.to_out = nn.ModuleList([nn.Linear(8, 8)])
+                setattr(attention.transformer_blocks[0], name, attn)
+            blocks.append(block)
+        setattr(root, side, blocks)
+    root.mid_block = nn.Module()
+    root.mid_block.resnets = nn.ModuleList([nn.Conv2d(8, 8, 1)])
+    return root
+
+
+@pytest.fixture(scope="module")
+def blora_file(tmp_path_factory) -> Path:
+    """A real content+style file as the network saves it (up weights non-zero)."""
+    network = applied()
+    with torch.no_grad():
+        for lora in network.unet_loras:
+            lora.lora_up.weight.normal_(std=0.01)
+    path = tmp_path_factory.mktemp("lora") / "blora.safetensors"
+    network.save_weights(str(path), torch.float32, {"ss_network_module": "blora_network"})
+    return path
+
+
+def bad_copy(blora_file: Path, tmp: Path, kind: str) -> Path:
+    path = tmp / f"{kind}.safetensors"
+    data = blora_file.read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) * 2 // 3])
+    elif kind == "notes":
+        path.write_text("epoch 3: the style is too strong, try style_lr=5e-5\n" * 20)
+    elif kind == "no-tensors":
+        save_file({}, str(path), metadata={"ss_network_module": "blora_network"})
+    elif kind in ("nan", "inf"):
+        tensors = load_tensors(blora_file)
+        key = sorted(k for k in tensors if k.endswith("lora_up.weight"))[3]
+        tensors[key][0, 0] = float("nan") if kind == "nan" else float("inf")
+        save_file(tensors, str(path), metadata=read_metadata(blora_file))
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return path
+
+
+def unwritable_folder(tmp: Path) -> Path:
+    """A folder the current user cannot create files in: a chmod 555 folder, or (as root, who
+    ignores permissions) a kernel filesystem that refuses new files."""
+
+    def can_create(folder: Path) -> bool:
+        probe = folder / ".blora_probe"
+        try:
+            probe.touch()
+        except OSError:
+            return False
+        probe.unlink()
+        return True
+
+    folder = tmp / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not can_create(folder):
+        return folder
+    folder.chmod(0o755)
+    for candidate in (Path("/sys"), Path("/proc/sys")):
+        if candidate.is_dir() and not can_create(candidate):
+            return candidate
+    pytest.skip("no unwritable folder available here (root with writable kernel filesystems)")
+
+
+def cli(*argv) -> int:
+    return cli_main([str(a) for a in argv])
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    run: Callable[[Path, Path], object]
+    """``run(tmp_path, blora_file)``; returns the CLI exit status for CLI rows."""
+    expect: Union[type, int]
+    """The exception class, or the CLI exit status."""
+    words: tuple[str, ...]
+    """Text the message must contain; ``{tmp}`` is the test's tmp_path."""
+    known_gap: str = ""
+    """Set while the behaviour is missing: the row is a strict xfail (it fails loudly once fixed)."""
+
+
+BUILTINS = ", ".join(builtin_names())
+PATTERN_NOWHERE = r"^output_blocks\.0\.1\.transformer_blocks\.12\..*$"
+BAD_REGEX = r"output_blocks\.0\.1\.("
+
+CASES = [
+    # presets
+    Case("unknown-preset-name", lambda tmp, f: make(preset="contnet_style"), PresetError,
+         ("unknown preset 'contnet_style'", f"Built-in presets: {BUILTINS}", "Did you mean 'content_style'")),
+    Case("preset-file-missing", lambda tmp, f: make(preset=str(tmp / "presets" / "mine.toml")), PresetError,
+         ("{tmp}/presets/mine.toml", "not found", BUILTINS)),
+    Case("toml-syntax-error", lambda tmp, f: make(preset=preset_file(tmp, "unet_target_module = []\nenable_conv = ture\n")),
+         PresetError, ("{tmp}/mine.toml:2", "TOML syntax error", "enable_conv = ture")),
+    Case("unknown-preset-key", lambda tmp, f: make(preset=preset_file(tmp, "unet_target_nmae = ['x']\n")), PresetError,
+         ("{tmp}/mine.toml", "unknown preset key 'unet_target_nmae'", "did you mean 'unet_target_name'")),
+    Case("invalid-regex", lambda tmp, f: make(preset=preset_file(tmp, f"unet_target_name = ['{BAD_REGEX}']\n")), PresetError,
+         ("{tmp}/mine.toml", "invalid regular expression", repr(BAD_REGEX), "missing ), unterminated subpattern")),
+    Case("pattern-matches-nothing",
+         lambda tmp, f: make(preset=preset_file(tmp, f"unet_target_module = []\nunet_target_name = ['{PATTERN_NOWHERE}']\n")),
+         PresetError, (f"UNet pattern '{PATTERN_NOWHERE}' matches no Linear layer", "sd-scripts' LDM names")),
+    # models
+    Case("diffusers-named-sdxl-unet", lambda tmp, f: make(diffusers_named_unet(2048), preset="content"), PresetError,
+         ("matches no Linear layer", "diffusers names", "up_blocks.0.attentions.0", "2048", "sdxl_train_network.py")),
+    Case("sd1-unet", lambda tmp, f: make(diffusers_named_unet(768), preset="content"), PresetError,
+         ("matches no Linear layer", "SD1.x/SD2", "768", "sdxl_train_network.py")),
+    # network_dim and network_args
+    Case("network-dim-missing", lambda tmp, f: make(dim=None), NetworkArgsError, ("network_dim is missing", "--network_dim")),
+    Case("network-dim-zero", lambda tmp, f: make(dim="0"), NetworkArgsError, ("network_dim='0'", "positive integer")),
+    Case("network-dim-negative", lambda tmp, f: make(dim=-8), NetworkArgsError, ("network_dim=-8", "positive integer")),
+    Case("network-dim-not-a-number", lambda tmp, f: make(dim="sixty-four"), NetworkArgsError,
+         ("network_dim='sixty-four'", "not an integer")),
+    Case("network-args-abc-for-int", lambda tmp, f: make(content_dim="abc"), NetworkArgsError, ("content_dim='abc'", "not an integer")),
+    Case("network-args-abc-for-float", lambda tmp, f: make(style_lr="abc"), NetworkArgsError, ("style_lr='abc'", "not a number")),
+    Case("network-args-abc-for-bool", lambda tmp, f: make(train_text_encoder="abc"), NetworkArgsError,
+         ("train_text_encoder='abc'", "not a boolean")),
+    Case("network-args-unknown-algo", lambda tmp, f: make(algo="lorra"), NetworkArgsError,
+         ("algo='lorra'", "unknown LyCORIS algorithm", "loha, lokr, lora")),
+    Case("preset-algo-map-unknown-algo",
+         lambda tmp, f: make(preset=preset_file(tmp, "unet_target_module = []\nunet_target_name = ['^output_blocks']\n"
+                                                     "name_algo_map = {'^output' = {algo = 'lorra'}}\n")),
+         PresetError, ("{tmp}/mine.toml", "uses algo 'lorra', unknown to LyCORIS")),
+    Case("preset-algo-map-dim-not-a-number",
+         lambda tmp, f: make(preset=preset_file(tmp, "unet_target_name = ['^output_blocks']\n"
+                                                     "name_algo_map = {'^output' = {algo = 'lora', dim = '8'}}\n")),
+         PresetError, ("{tmp}/mine.toml", "name_algo_map.'^output'.dim must be a number, got '8'")),
+    Case("conflict-preset-without-unet-blocks-unet-only",
+         lambda tmp, f: make(preset=preset_file(tmp, "unet_target_module = []\nunet_target_name = []\n")), PresetError,
+         ("{tmp}/mine.toml", "no UNet targets", "text-encoder training is off")),
+    # weights files (--network_weights, --dim_from_weights)
+    Case("network-weights-sd1-lora", lambda tmp, f: applied().load_weights(str(write_sd1(tmp / "sd15.safetensors"))),
+         LoraFileError, ("sd15.safetensors", "none of its", "belong to this network", "start without --network_weights")),
+    Case("dim-from-weights-sd1-lora",
+         lambda tmp, f: blora_network.create_network_from_weights(1, str(write_sd1(tmp / "sd15.safetensors")), None, None, build_unet(TINY)),
+         LoraFileError, ("sd15.safetensors", "not in this model", "another architecture")),
+    Case("network-weights-other-rank", lambda tmp, f: applied(dim=8).load_weights(str(f)), LoraFileError,
+         ("has shape", "expects", "--dim_from_weights")),
+    Case("lora-empty", lambda tmp, f: applied().load_weights(str(bad_copy(f, tmp, "empty"))), LoraFileError,
+         ("empty.safetensors", "not a safetensors file", "0 bytes")),
+    Case("lora-no-tensors", lambda tmp, f: applied().load_weights(str(bad_copy(f, tmp, "no-tensors"))), LoraFileError,
+         ("no-tensors.safetensors", "holds no tensors")),
+    Case("lora-truncated", lambda tmp, f: applied().load_weights(str(bad_copy(f, tmp, "truncated"))), LoraFileError,
+         ("truncated.safetensors", "truncated")),
+    Case("lora-not-safetensors", lambda tmp, f: applied().load_weights(str(bad_copy(f, tmp, "notes"))), LoraFileError,
+         ("notes.safetensors", "not a safetensors file")),
+    Case("lora-nan", lambda tmp, f: applied().load_weights(str(bad_copy(f, tmp, "nan"))), LoraFileError,
+         ("nan.safetensors", "lora_up.weight holds NaN or Inf", "Use an earlier save")),
+    Case("lora-inf-dim-from-weights",
+         lambda tmp, f: blora_network.create_network_from_weights(1, str(bad_copy(f, tmp, "inf")), None, None, build_unet(TINY)),
+         LoraFileError, ("inf.safetensors", "holds NaN or Inf")),
+    Case("lora-missing-file", lambda tmp, f: applied().load_weights(str(tmp / "last.safetensors")), LoraFileError,
+         ("last.safetensors", "no such file")),
+    # output paths
+    Case("save-to-missing-folder", lambda tmp, f: applied().save_weights(str(tmp / "out" / "b.safetensors"), None, {}),
+         LoraFileError, ("{tmp}/out/b.safetensors", "folder {tmp}/out does not exist")),
+    Case("save-to-read-only-folder", lambda tmp, f: applied().save_weights(str(unwritable_folder(tmp) / "b.safetensors"), None, {}),
+         LoraFileError, ("b.safetensors", "not writable")),
+    Case("save-ckpt-to-missing-folder", lambda tmp, f: applied().save_weights(str(tmp / "out" / "b.ckpt"), None, {}),
+         LoraFileError, ("does not exist",)),
+    # the same files through the CLI: exit 1 and one line
+    Case("cli-empty-file", lambda tmp, f: cli("inspect", bad_copy(f, tmp, "empty")), 1, ("empty.safetensors", "0 bytes")),
+    Case("cli-truncated-file", lambda tmp, f: cli("split", bad_copy(f, tmp, "truncated"), "--out-dir", tmp), 1,
+         ("truncated.safetensors", "truncated")),
+    Case("cli-nan-file", lambda tmp, f: cli("scale", bad_copy(f, tmp, "nan"), "--style", "0.5", "-o", tmp / "x.safetensors"), 1,
+         ("nan.safetensors", "NaN", "nothing was written")),
+    Case("cli-output-missing-folder", lambda tmp, f: cli("scale", f, "--style", "0.5", "-o", tmp / "out" / "x.safetensors"), 1,
+         ("{tmp}/out/x.safetensors", "does not exist")),
+    Case("cli-output-read-only-folder",
+         lambda tmp, f: cli("split", f, "--out-dir", unwritable_folder(tmp)), 1, ("not writable",)),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.known_gap, strict=True)] if c.known_gap else []) for c in CASES],
+)
+def test_bad_input_gives_one_clear_message(case: Case, tmp_path, blora_file, capsys):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    if isinstance(case.expect, int):
+        code = case.run(tmp_path, blora_file)
+        captured = capsys.readouterr()
+        assert code == case.expect, captured.err
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in captured.err, captured.err  # one line, no traceback
+        message = lines[0]
+    else:
+        with pytest.raises(case.expect) as err:
+            case.run(tmp_path, blora_file)
+        message = str(err.value)
+        assert type(err.value).__module__ == "blora_network.errors"
+        assert "\n" not in message
+    for word in case.words:
+        assert word.format(tmp=tmp_path) in message, f"{word!r} not in {message!r}"
+    # nothing half-written, no temp file left behind
+    after = [p.name for p in tmp_path.iterdir() if p.name not in before]
+    assert not [n for n in after if n.endswith(".tmp")], after
+    assert not (tmp_path / "x.safetensors").exists()
+    assert blora_file.stat().st_size > 0
+
+
+@pytest.mark.parametrize("tool", ["split", "combine", "extract", "convert"])
+def test_tools_refuse_nan_anywhere_and_write_nothing(tool, tmp_path, blora_file, capsys):
+    """NaN in the style block (read last): no file at all, not even the content part."""
+    tensors = load_tensors(blora_file)
+    key = sorted(k for k in tensors if "output_blocks_1_1" in k and k.endswith("lora_down.weight"))[-1]
+    tensors[key][0, 0] = float("inf")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=read_metadata(blora_file))
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = {"split": ["split", bad, "--out-dir", out],
+            "combine": ["combine", "--content", blora_file, "--style", bad, "-o", out / "x.safetensors"],
+            "extract": ["extract", bad, "--blocks", "content,style", "-o", out / "x.safetensors"],
+            "convert": ["convert", bad, "--to", "diffusers", "-o", out / "x.safetensors"]}[tool]
+    assert cli(*argv) == 1
+    err = capsys.readouterr().err
+    assert "bad.safetensors" in err and key in err and "NaN or Inf" in err and "nothing was written" in err
+    assert list(out.iterdir()) == []
+
+
+def test_table_covers_every_case_the_issue_lists():
+    ids = {c.id for c in CASES}
+    for needed in ("unknown-preset-name", "preset-file-missing", "toml-syntax-error", "unknown-preset-key", "invalid-regex",
+                   "pattern-matches-nothing", "diffusers-named-sdxl-unet", "sd1-unet", "network-dim-missing", "network-dim-zero",
+                   "network-dim-negative", "network-dim-not-a-number", "network-args-abc-for-int",
+                   "conflict-preset-without-unet-blocks-unet-only", "network-weights-sd1-lora", "lora-empty", "lora-truncated",
+                   "lora-not-safetensors", "lora-nan", "save-to-missing-folder", "save-to-read-only-folder"):
+        assert needed in ids
+
+
+# -- security: no code from a weights file or a preset; metadata is untrusted text ------------------
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".pt", ".pth", ".bin"])
+def test_pickle_weights_never_run_code(tmp_path, suffix):
+    marker = tmp_path / "pwned"
+    path = tmp_path / f"evil{suffix}"
+    with open(path, "wb") as f:
+        pickle.dump({"lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q.lora_down.weight": _RunsCode(marker)}, f, protocol=2)
+    with pytest.raises(LoraFileError, match="refused to load this pickle file safely"):
+        blora_network.create_network_from_weights(1, str(path), None, None, build_unet(TINY))
+    with pytest.raises(LoraFileError, match="refused to load this pickle file safely"):
+        applied().load_weights(str(path))
+    with pytest.raises(LoraFileError, match="pickles and can run arbitrary code"):
+        read_metadata(path)  # the file readers refuse pickles outright
+    assert cli("inspect", path) == 1
+    assert not marker.exists()
+
+
+def test_plain_tensor_pickle_loads_with_weights_only(tmp_path, blora_file):
+    """A .ckpt holding only tensors (old sd-scripts --save_model_as ckpt) still resumes."""
+    path = tmp_path / "old.ckpt"
+    torch.save(load_tensors(blora_file), path)
+    network = applied()
+    network.load_weights(str(path))
+    state = network.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in load_tensors(blora_file).items())
+
+
+def test_metadata_is_returned_as_text_never_evaluated(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    payloads = {
+        "ss_network_args": f"__import__('os').system('touch {marker}')",
+        "blora_block_dims": f"{{'content': __import__('os').system('touch {marker}')}}",
+        "ss_tag_frequency": "{\"a\": " * 50 + "1" + "}" * 50,
+        "modelspec.title": "\x1b[2J\x1b[31mred\x00nul",
+    }
+    path = tmp_path / "meta.safetensors"
+    write_safetensors(path, {"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, payloads)
+    assert read_metadata(path) == payloads  # exactly the strings, nothing interpreted
+    cli("inspect", path, "--json")
+    capsys.readouterr()
+    assert not marker.exists()
+
+
+def test_inspect_does_not_pass_terminal_control_characters_through(tmp_path, capsys):
+    path = tmp_path / "escape.safetensors"
+    name = "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q"
+    write_safetensors(path, {f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)},
+                      {"ss_network_module": "\x1b[2J\x1b[31mred\x07", "blora_preset": "x\x1b]0;new title\x07"})
+    assert cli("inspect", path) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out
+
+
+def test_metadata_size_is_capped(tmp_path):
+    path = tmp_path / "huge.safetensors"
+    n = MAX_METADATA_BYTES + 1
+    with open(path, "wb") as f:  # a header claiming more than the cap: refused before reading it
+        f.write(n.to_bytes(8, "little"))
+        f.write(b"{" + b" " * 64)
+        f.truncate(8 + n + 16)
+    with pytest.raises(LoraFileError, match="not a safetensors file"):
+        read_metadata(path)
+    assert cli("inspect", path) == 1
+
+
+def test_preset_loader_reads_toml_only(tmp_path):
+    marker = tmp_path / "pwned"
+    code = f"import os\nos.system('touch {marker}')\nunet_target_name = ['x']\n"
+    for name in ("evil.py", "evil.toml", "evil"):
+        path = tmp_path / name
+        path.write_text(code)
+        spec = str(path)
+        with pytest.raises(PresetError) as err:
+            load_preset(spec)
+        assert str(path) in str(err.value) and "TOML" in str(err.value)
+    # a Python module name is not imported either: it is an unknown preset name
+    with pytest.raises(PresetError, match="unknown preset 'os'"):
+        load_preset("os")
+    assert not marker.exists()
