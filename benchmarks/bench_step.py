@@ -37,6 +37,7 @@ import contextlib
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -141,6 +142,7 @@ class Bench:
         dev = self.device
         with self._variant(variant):
             common.sync(dev)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0 = time.process_time()
             t0 = time.perf_counter()
             hooks = _saved_tensor_counter(saved, self) if saved is not None else contextlib.nullcontext()
@@ -159,7 +161,10 @@ class Bench:
             common.sync(dev)
             t3 = time.perf_counter()
             c3 = time.process_time()
-        return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "total": t3 - t0, "cpu": c3 - c0, "loss": float(loss.detach())}
+            # freed memory that glibc gave back to the kernel and takes again: each page is zeroed anew
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        return {"fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2, "total": t3 - t0, "cpu": c3 - c0, "minflt": faults,
+                "loss": float(loss.detach())}
 
 
 def _saved_tensor_counter(out: list, bench: Bench):
@@ -251,7 +256,8 @@ def time_tables(results: list[dict], variants: list[str]) -> str:
         rows.append(row)
         for v in variants:
             detail.append([res["mode"], res["dim"], VARIANT_LABEL[v]]
-                          + [f"{median(t[v], k):.3f}" for k in ("fwd", "bwd", "opt", "total", "cpu")])
+                          + [f"{median(t[v], k):.3f}" for k in ("fwd", "bwd", "opt", "total", "cpu")]
+                          + [f"{median(t[v], 'minflt'):.0f}"])
         c = res["check"]
         if "b" in c:
             ref = c["b"]
@@ -270,7 +276,8 @@ def time_tables(results: list[dict], variants: list[str]) -> str:
         header.append("(b) / (a), wall / CPU: price of B-LoRA")
     out = "Median step time (forward + backward + AdamW), s:\n\n" + common.table(header, rows)
     out += ("\n\nMedian per phase, s (wall; CPU = process CPU time of the whole step, all threads):\n\n"
-            + common.table(["mode", "dim", "variant", "forward", "backward", "AdamW", "step", "step CPU"], detail))
+            + common.table(["mode", "dim", "variant", "forward", "backward", "AdamW", "step", "step CPU",
+                            "minor page faults"], detail))
     if checks:
         out += "\n\nSame math check (all start from the same weights):\n\n" + "\n".join(f"- {c}" for c in checks)
     return out

@@ -62,6 +62,10 @@ def machine(device: str = "cpu") -> dict:
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
         "load average at start (1/5/15 min)": " / ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
+    # glibc's allocator settings change CPU step times (page faults on freed-and-reused memory)
+    tuned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+    if tuned:
+        info["allocator environment"] = " ".join(f"{k}={v}" for k, v in sorted(tuned.items()))
     if str(device).startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.device(device))
         info["gpu"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
