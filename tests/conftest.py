@@ -37,3 +37,13 @@ def text_encoders():
     from blora_network.sdxl import build_text_encoders
 
     return build_text_encoders(seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on 2 shared cores: OpenMP's thread hand-off costs milliseconds each when
+    another process holds a core, so these tests run torch single-threaded (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,21 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-import pytest
 import torch
 from safetensors.torch import save_file
 
 from blora_network.blocks import BLOCKS, attention_layer_names
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matmuls on 2 shared cores: OpenMP's thread hand-off costs milliseconds each when
-    another process holds a core, so the tool tests run torch single-threaded (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,7 @@ from blora_network import analyze as analyze_mod
 from blora_network.analyze import ALMOST_NONE, DOMINANT_SHARE, LOW_COVERAGE, PART_SHARE, analyze
 from blora_network.cli import main
 from blora_network.errors import LoraFileError
-from lora_factories import (  # one_torch_thread: an autouse fixture
-    one_torch_thread,  # noqa: F401
+from lora_factories import (
     Layer,
     conv_lora,
     full_attention_layers,
@@ -36,6 +35,8 @@ from lora_factories import (  # one_torch_thread: an autouse fixture
     write_lycoris,
     write_sd1,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the independent computation: dense dW from the file, the test's own block/kind rules ---------

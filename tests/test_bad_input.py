@@ -26,13 +26,9 @@ from blora_network.safefile import MAX_METADATA_BYTES, load_tensors, read_metada
 from blora_network.sdxl import TINY, build_unet
 from lora_factories import write_sd1
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 
 # -- helpers the rows use ---------------------------------------------------------------------------

@@ -15,8 +15,7 @@ import torch
 from safetensors import safe_open
 
 from blora_network.cli import main
-from lora_factories import (  # one_torch_thread: an autouse fixture
-    one_torch_thread,  # noqa: F401
+from lora_factories import (
     Layer,
     blora_metadata_like_training,
     full_attention_layers,
@@ -24,6 +23,8 @@ from lora_factories import (  # one_torch_thread: an autouse fixture
     write_kohya,
     write_sd1,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SUBCOMMANDS = ["presets", "plan", "inspect", "split", "combine", "scale", "extract", "convert"]
 

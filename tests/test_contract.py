@@ -11,7 +11,7 @@ import blora_network
 from blora_network.blocks import role_of_kohya_key
 from blora_network.demo import teacher_target
 from blora_network.safefile import read_metadata
-from blora_network.sdxl import TINY, build_unet, random_inputs
+from blora_network.sdxl import TINY, build_unet
 
 PRESETS = {
     "content": {"content": 80},

@@ -28,15 +28,11 @@ from blora_network.demo import teacher_target
 from blora_network.safefile import load_tensors, open_safetensors, read_metadata, write_safetensors, write_safetensors_hashed
 from blora_network.sdxl import TINY, build_unet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _tensors(seed=0, n=4, size=64):

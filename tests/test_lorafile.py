@@ -18,8 +18,7 @@ from blora_network.lorafile import (
     open_lora,
     scale_module_tensors,
 )
-from lora_factories import (  # one_torch_thread: an autouse fixture
-    one_torch_thread,  # noqa: F401
+from lora_factories import (
     Layer,
     full_attention_layers,
     kohya_name,
@@ -31,6 +30,8 @@ from lora_factories import (  # one_torch_thread: an autouse fixture
     write_lycoris,
     write_sd1,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = Layer("output_blocks.0.1.transformer_blocks.0.attn2.to_k", 48, 32)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import toml
 
-from blora_network.blocks import BLOCKS, is_attention_layer
+from blora_network.blocks import is_attention_layer
 from blora_network.errors import PresetError
 from blora_network.presets import builtin_names, load_preset
 from blora_network.sdxl import FULL, module_names

@@ -18,8 +18,7 @@ from safetensors.torch import save_file
 from blora_network import tools
 from blora_network.errors import LoraFileError
 from blora_network.safefile import model_hashes, read_header, write_safetensors_hashed
-from lora_factories import (  # one_torch_thread: an autouse fixture
-    one_torch_thread,  # noqa: F401
+from lora_factories import (
     Layer,
     blora_metadata_like_training,
     full_attention_layers,
@@ -31,6 +30,8 @@ from lora_factories import (  # one_torch_thread: an autouse fixture
     write_lycoris,
     write_sd1,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CONTENT_STYLE = full_attention_layers(["content", "style"])
 

@@ -18,14 +18,9 @@ from blora_network.errors import NetworkArgsError, PresetError
 from blora_network.network import TEXT_ENCODER_ATTENTION_CLASSES
 from blora_network.sdxl import TINY, build_unet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a loaded 2-core runner."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+
 
 # --- network creation: how each version turns --network_args into kwargs ------------------------
 
