@@ -36,7 +36,7 @@ from .metadata import blora_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
 from .options import NetworkOptions, parse_network_args
 from .presets import Preset, load_preset
-from .safefile import PICKLE_SUFFIXES, check_output_path, load_tensors, write_safetensors_hashed
+from .safefile import PICKLE_SUFFIXES, atomic_target, check_output_path, load_tensors, write_safetensors_hashed
 
 __all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "TEXT_ENCODER_ATTENTION_CLASSES"]
 
@@ -410,15 +410,8 @@ class BLoRANetwork(LycorisNetworkKohya):
         )
         path = Path(file)
         if path.suffix.lower() in PICKLE_SUFFIXES:
-            check_output_path(path, overwrite=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            try:
+            with atomic_target(check_output_path(path, overwrite=True)) as tmp:
                 torch.save(state, tmp)
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
             return
         write_safetensors_hashed(path, state, meta)
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from .analyze import KIND_LABELS, KINDS, SDXL_TRANSFORMER_BLOCKS, AnalyzeReport, block_order
 from .blocks import BLOCKS
 from .errors import BLoraError, LoraFileError
-from .safefile import _final_mode
+from .safefile import atomic_target
 
 __all__ = ["MatplotlibMissing", "INSTALL_HINT", "FORMATS", "FIGSIZE", "require_matplotlib", "check_plot_path",
            "build_figure", "render"]
@@ -222,14 +221,6 @@ def render(report: AnalyzeReport, path, *, dpi: int = 100, overwrite: bool = Fal
     p = check_plot_path(path, inputs=inputs, overwrite=overwrite)
     fig = build_figure(report)
     fmt = p.suffix.lower().lstrip(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent if str(p.parent) else "."))
-    os.close(fd)
-    try:
+    with atomic_target(p) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi)
-        os.chmod(tmp, _final_mode(p))
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return p

@@ -32,6 +32,7 @@ __all__ = [
     "load_tensors",
     "write_safetensors",
     "check_output_path",
+    "atomic_target",
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
@@ -184,6 +185,23 @@ def _temp_beside(p: Path) -> tuple[int, str]:
         raise LoraFileError(f"{p}: folder {folder} is not writable ({e.strerror or e})") from None
 
 
+@contextlib.contextmanager
+def atomic_target(p: Path) -> Iterator[str]:
+    """A temporary path beside ``p`` to write to; it becomes ``p`` only when the block ends
+    without an error (renamed, with the permissions a plain ``open`` would give), and is
+    removed otherwise. So ``p`` is always absent, as it was, or complete."""
+    fd, tmp = _temp_beside(p)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, _final_mode(p))
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Mapping[str, torch.Tensor],
@@ -199,18 +217,10 @@ def write_safetensors(
     p = check_output_path(path, overwrite=overwrite, inputs=inputs)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = _temp_beside(p)
-    os.close(fd)
-    try:
+    with atomic_target(p) as tmp:
         st_save_file(contiguous, tmp, metadata=meta or None)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, _final_mode(p))
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     return p
 
 
@@ -290,52 +300,46 @@ def write_safetensors_hashed(
         except BaseException as e:  # surfaced in the caller's thread
             hashed["error"] = e
 
-    fd, tmp = _temp_beside(p)
-    os.close(fd)
     worker = threading.Thread(target=hash_in_order, name="sshs-hash", daemon=True)
-    try:
+    with atomic_target(p) as tmp:
         worker.start()
-        st_save_file(contiguous, tmp, metadata=meta)
-        with open(tmp, "rb+") as f:
-            if durable:
-                os.fsync(f.fileno())  # the data goes to disk while the hash thread finishes
-            worker.join()
-            if "error" in hashed:
-                raise hashed["error"]
-            n = int.from_bytes(f.read(8), "little")
-            raw = f.read(n)
-            header = json.loads(raw)
-            model_hash = hashed["model"] if _layout_is(header, order) else None
-            legacy_hash = None
-            if header.get("__metadata__") == meta and len(_compact_json(header)) == len(raw.rstrip(b" ")):
-                # sd-scripts hashes the file as saved with only the ss_* metadata: its data
-                # section is ours byte for byte; its header differs only in __metadata__.
-                ss_header = dict(header)
-                ss_header["__metadata__"] = {k: v for k, v in meta.items() if k.startswith("ss_")}
-                n_ss = len(_compact_json(ss_header))
-                n_ss += (8 - n_ss % 8) % 8
-                if model_hash is None:
-                    model_hash = _hash_file_data(f, 8 + n)
-                legacy_hash = _legacy_window_hash(f, 8 + n, 8 + n_ss)
-            if legacy_hash is None:  # a header layout we did not expect, or one over 1 MiB
-                model_hash, legacy_hash = model_hashes(contiguous, meta)
-            for key, value in (("sshs_model_hash", model_hash), ("sshs_legacy_hash", legacy_hash)):
-                needle = _compact_json(key) + b":" + _compact_json(meta[key])
-                at = raw.find(needle)
-                if at < 0 or raw.find(needle, at + 1) >= 0:
-                    raise RuntimeError(f"cannot place {key} in the header")
-                f.seek(8 + at + len(needle) - len(value) - 1)
-                f.write(value.encode("ascii"))
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-        os.chmod(tmp, _final_mode(p))
-        os.replace(tmp, p)
-    except BaseException:
-        worker.join()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        try:
+            st_save_file(contiguous, tmp, metadata=meta)
+            with open(tmp, "rb+") as f:
+                if durable:
+                    os.fsync(f.fileno())  # the data goes to disk while the hash thread finishes
+                worker.join()
+                if "error" in hashed:
+                    raise hashed["error"]
+                n = int.from_bytes(f.read(8), "little")
+                raw = f.read(n)
+                header = json.loads(raw)
+                model_hash = hashed["model"] if _layout_is(header, order) else None
+                legacy_hash = None
+                if header.get("__metadata__") == meta and len(_compact_json(header)) == len(raw.rstrip(b" ")):
+                    # sd-scripts hashes the file as saved with only the ss_* metadata: its data
+                    # section is ours byte for byte; its header differs only in __metadata__.
+                    ss_header = dict(header)
+                    ss_header["__metadata__"] = {k: v for k, v in meta.items() if k.startswith("ss_")}
+                    n_ss = len(_compact_json(ss_header))
+                    n_ss += (8 - n_ss % 8) % 8
+                    if model_hash is None:
+                        model_hash = _hash_file_data(f, 8 + n)
+                    legacy_hash = _legacy_window_hash(f, 8 + n, 8 + n_ss)
+                if legacy_hash is None:  # a header layout we did not expect, or one over 1 MiB
+                    model_hash, legacy_hash = model_hashes(contiguous, meta)
+                for key, value in (("sshs_model_hash", model_hash), ("sshs_legacy_hash", legacy_hash)):
+                    needle = _compact_json(key) + b":" + _compact_json(meta[key])
+                    at = raw.find(needle)
+                    if at < 0 or raw.find(needle, at + 1) >= 0:
+                        raise RuntimeError(f"cannot place {key} in the header")
+                    f.seek(8 + at + len(needle) - len(value) - 1)
+                    f.write(value.encode("ascii"))
+                f.flush()
+                if durable:
+                    os.fsync(f.fileno())
+        finally:
+            worker.join()  # never leave the thread reading tensors of a failed write
     return p, model_hash, legacy_hash
 
 
