@@ -236,3 +236,35 @@ def text_encoder_lora(encoder: str = "te1", layers: int = 2, width: int = 32, ra
         out[f"{m}.lora_up.weight"] = torch.randn(width, rank, generator=g)
         out[f"{m}.alpha"] = torch.tensor(float(rank))
     return out
+
+
+# -- CLI and progress helpers -------------------------------------------------------------------
+
+
+def assert_one_line_cli_error(code, out, err, *needles, command: str = ""):
+    """Exit status 1 and exactly one stderr line, ``blora-network COMMAND: error: ...``, holding every needle."""
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    prefix = f"blora-network {command}: error:" if command else "blora-network "
+    assert "Traceback" not in err and lines[0].startswith(prefix)
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def recording_progress():
+    """``(bars, Bar)``: ``Bar`` stands in for tqdm as the tools call it; every bar made is in ``bars``."""
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit, unit_scale):
+            self.total, self.desc, self.done, self.closed = total, desc, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.done += n
+
+        def close(self):
+            self.closed = True
+
+    return bars, Bar

@@ -24,10 +24,12 @@ from blora_network.cli import main
 from blora_network.errors import LoraFileError
 from lora_factories import (
     Layer,
+    assert_one_line_cli_error,
     conv_lora,
     full_attention_layers,
     layers_of,
     lycoris_module,
+    recording_progress,
     text_encoder_lora,
     write_diffusers,
     write_kohya,
@@ -500,12 +502,7 @@ def run(capsys, *argv):
 
 
 def assert_one_line_error(code, out, err, *needles):
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("blora-network analyze: error:")
-    for n in needles:
-        assert n in lines[0], lines[0]
+    assert_one_line_cli_error(code, out, err, *needles, command="analyze")
 
 
 def test_help_states_the_share_rule_and_has_an_example(capsys):
@@ -575,19 +572,7 @@ def test_cli_refusals_are_one_line(capsys, tmp_path):
 
 
 def test_progress_reports_every_byte_read(tmp_path, whole):
-    bars = []
-
-    class Bar:
-        def __init__(self, total, desc, unit, unit_scale):
-            self.total, self.desc, self.done, self.closed = total, desc, 0, False
-            bars.append(self)
-
-        def update(self, n=1):
-            self.done += n
-
-        def close(self):
-            self.closed = True
-
+    bars, Bar = recording_progress()
     analyze(whole, progress=Bar)
     (bar,) = bars
     assert bar.desc == "reading whole.safetensors" and bar.closed and bar.done == bar.total > 0

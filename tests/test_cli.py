@@ -17,6 +17,7 @@ from safetensors import safe_open
 from blora_network.cli import main
 from lora_factories import (
     Layer,
+    assert_one_line_cli_error,
     blora_metadata_like_training,
     full_attention_layers,
     write_diffusers,
@@ -44,15 +45,6 @@ def keys(path):
 def blora(tmp_path):
     return write_kohya(tmp_path / "dog.safetensors", full_attention_layers(["content", "style"]), 4, alpha=4.0,
                        metadata=blora_metadata_like_training(4, 4.0), dtype=torch.bfloat16)
-
-
-def assert_one_line_error(code, out, err, *needles):
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("blora-network ")
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # -- help ---------------------------------------------------------------------------------------
@@ -126,7 +118,7 @@ def test_plan_shows_what_a_handwritten_regex_selects(capsys, tmp_path):
 
 def test_plan_bad_preset_is_one_line(capsys):
     code, out, err = run(capsys, "plan", "--preset", "contnet", "--dim", "8")
-    assert_one_line_error(code, out, err, "unknown preset 'contnet'", "content")
+    assert_one_line_cli_error(code, out, err, "unknown preset 'contnet'", "content")
 
 
 # -- inspect ------------------------------------------------------------------------------------
@@ -174,13 +166,13 @@ def test_overwrite_needs_force_and_an_input_is_never_overwritten(capsys, tmp_pat
     out_path = tmp_path / "o.safetensors"
     out_path.write_bytes(b"keep me")
     code, out, err = run(capsys, "scale", str(blora), "--style", "0.5", "-o", str(out_path))
-    assert_one_line_error(code, out, err, "already exists; pass --force")
+    assert_one_line_cli_error(code, out, err, "already exists; pass --force")
     assert out_path.read_bytes() == b"keep me"
     code, *_ = run(capsys, "scale", str(blora), "--style", "0.5", "-o", str(out_path), "--force")
     assert code == 0 and len(keys(out_path)[0]) == 480
     before = blora.read_bytes()
     code, out, err = run(capsys, "scale", str(blora), "--style", "0.5", "-o", str(blora), "--force")
-    assert_one_line_error(code, out, err, "refusing to write over an input")
+    assert_one_line_cli_error(code, out, err, "refusing to write over an input")
     assert blora.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dog.safetensors", "o.safetensors"]  # no temp files
 
@@ -189,40 +181,40 @@ def test_overwrite_needs_force_and_an_input_is_never_overwritten(capsys, tmp_pat
 
 def test_bad_files_get_one_clear_line(capsys, tmp_path, blora):
     missing = tmp_path / "nope.safetensors"
-    assert_one_line_error(*run(capsys, "inspect", str(missing)), "nope.safetensors", "no such file")
+    assert_one_line_cli_error(*run(capsys, "inspect", str(missing)), "nope.safetensors", "no such file")
 
     text = tmp_path / "notes.safetensors"
     text.write_text("these are my training notes, not a LoRA " * 10)
-    assert_one_line_error(*run(capsys, "split", str(text)), "notes.safetensors", "not a")
+    assert_one_line_cli_error(*run(capsys, "split", str(text)), "notes.safetensors", "not a")
 
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(blora.read_bytes()[: blora.stat().st_size // 2])
-    assert_one_line_error(*run(capsys, "inspect", str(truncated)), "cut.safetensors", "truncated")
+    assert_one_line_cli_error(*run(capsys, "inspect", str(truncated)), "cut.safetensors", "truncated")
 
     garbled = tmp_path / "garbled.safetensors"
     data = bytearray(blora.read_bytes())
     data[8:40] = b"\xff" * 32
     garbled.write_bytes(bytes(data))
-    assert_one_line_error(*run(capsys, "inspect", str(garbled)), "garbled.safetensors")
+    assert_one_line_cli_error(*run(capsys, "inspect", str(garbled)), "garbled.safetensors")
 
     pickle = tmp_path / "old.ckpt"
     pickle.write_bytes(b"\x80\x04")
-    assert_one_line_error(*run(capsys, "inspect", str(pickle)), "pickle")
+    assert_one_line_cli_error(*run(capsys, "inspect", str(pickle)), "pickle")
 
 
 def test_wrong_lora_kinds_get_one_clear_line(capsys, tmp_path, blora):
     sd1 = write_sd1(tmp_path / "sd15.safetensors")
-    assert_one_line_error(*run(capsys, "split", str(sd1)), "sd15.safetensors", "SD1.x LoRA", "768")
+    assert_one_line_cli_error(*run(capsys, "split", str(sd1)), "sd15.safetensors", "SD1.x LoRA", "768")
 
     mid = write_kohya(tmp_path / "mid.safetensors",
                       [Layer("middle_block.1.transformer_blocks.0.attn1.to_q", 1280, 1280)], 2)
-    assert_one_line_error(*run(capsys, "inspect", str(mid)), "holds no B-LoRA block", "middle_block.1 (1)")
+    assert_one_line_cli_error(*run(capsys, "inspect", str(mid)), "holds no B-LoRA block", "middle_block.1 (1)")
 
-    assert_one_line_error(*run(capsys, "scale", str(blora), "--layout", "0.5", "-o", str(tmp_path / "x.safetensors")),
+    assert_one_line_cli_error(*run(capsys, "scale", str(blora), "--layout", "0.5", "-o", str(tmp_path / "x.safetensors")),
                           "has no layout block", "input_blocks.8.1", "content (80 modules)")
-    assert_one_line_error(*run(capsys, "combine", "--layout", str(blora), "-o", str(tmp_path / "x.safetensors")),
+    assert_one_line_cli_error(*run(capsys, "combine", "--layout", str(blora), "-o", str(tmp_path / "x.safetensors")),
                           "has no layout block")
-    assert_one_line_error(*run(capsys, "split", str(blora), "--blocks", "layout"), "has no layout block")
+    assert_one_line_cli_error(*run(capsys, "split", str(blora), "--blocks", "layout"), "has no layout block")
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -234,7 +226,7 @@ def test_command_line_mistakes_exit_2(capsys, blora, tmp_path):
         main(["scale", str(blora), "--style", "lots", "-o", str(tmp_path / "x.safetensors")])
     assert e.value.code == 2 and "not a number: 'lots'" in capsys.readouterr().err
     code, out, err = run(capsys, "scale", str(blora), "-o", str(tmp_path / "x.safetensors"))
-    assert_one_line_error(code, out, err, "no weight given")
+    assert_one_line_cli_error(code, out, err, "no weight given")
 
 
 # -- the installed entry points -----------------------------------------------------------------

@@ -25,6 +25,7 @@ from lora_factories import (
     kohya_name,
     lora_tensors,
     lycoris_module,
+    recording_progress,
     write_diffusers,
     write_kohya,
     write_lycoris,
@@ -658,19 +659,7 @@ def test_written_files_load_in_diffusers_on_the_right_block(tmp_path, to):
 
 def test_progress_reports_the_work_done(tmp_path, trained):
     """The CLI's tqdm bars are fed by the tools: every byte read and hashed is reported."""
-    bars = []
-
-    class Bar:
-        def __init__(self, total, desc, unit, unit_scale):
-            self.total, self.desc, self.done, self.closed = total, desc, 0, False
-            bars.append(self)
-
-        def update(self, n=1):
-            self.done += n
-
-        def close(self):
-            self.closed = True
-
+    bars, Bar = recording_progress()
     res = tools.combine([tools.BlockSource("content", str(trained), 0.5)], tmp_path / "o.safetensors", progress=Bar)
     assert [b.desc for b in bars] == ["reading content from dog.safetensors", "hashing o.safetensors"]
     assert all(b.closed and b.done == b.total > 0 for b in bars)
