@@ -8,15 +8,13 @@ settings alone.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import Sequence
 
 from .analyze import KIND_LABELS, KINDS, SDXL_TRANSFORMER_BLOCKS, AnalyzeReport, block_order
 from .blocks import BLOCKS
 from .errors import BLoraError, LoraFileError
-from .safefile import atomic_target
+from .safefile import atomic_target, check_output_path
 
 __all__ = ["MatplotlibMissing", "INSTALL_HINT", "FORMATS", "FIGSIZE", "require_matplotlib", "check_plot_path",
            "build_figure", "render"]
@@ -51,20 +49,7 @@ def check_plot_path(path, *, inputs: Sequence = (), overwrite: bool = False) -> 
     fmt = p.suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise LoraFileError(f"{p}: the chart is written as PNG (or SVG/PDF); give a name ending in .png")
-    for src in inputs:
-        same = False
-        with contextlib.suppress(OSError):
-            same = p.exists() and os.path.samefile(p, src)
-        if same:
-            raise LoraFileError(f"{p}: refusing to write over an input file; choose another --plot path")
-    if p.is_dir():
-        raise LoraFileError(f"{p}: is a folder; give a file name ending in .png")
-    if p.exists() and not overwrite:
-        raise LoraFileError(f"{p}: already exists; pass --force to replace it")
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise LoraFileError(f"{p}: folder {parent} does not exist; create it first")
-    return p
+    return check_output_path(p, overwrite=overwrite, inputs=inputs, option="--plot", suffix=".png")
 
 
 def _slots(report: AnalyzeReport) -> list[str]:

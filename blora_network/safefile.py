@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -155,17 +155,22 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     return model_hash, legacy_hash
 
 
-def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: tuple = ()) -> Path:
-    """Refuse an output we must not or cannot write, before any work is done."""
+def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Sequence = (), option: str = "-o",
+                      suffix: str = ".safetensors") -> Path:
+    """Refuse an output we must not or cannot write, before any work is done.
+
+    An input is never overwritten, not even with ``overwrite``. ``option`` and ``suffix`` are
+    how the messages name the command-line option and the file type (``--plot``, ``.png``).
+    """
     p = Path(path)
     for src in inputs:
         same = False
         with contextlib.suppress(OSError):
             same = p.exists() and os.path.samefile(p, src)
         if same:
-            raise LoraFileError(f"{p}: refusing to write over an input file; choose another -o path")
+            raise LoraFileError(f"{p}: refusing to write over an input file; choose another {option} path")
     if p.exists() and p.is_dir():
-        raise LoraFileError(f"{p}: is a folder; give a file name ending in .safetensors")
+        raise LoraFileError(f"{p}: is a folder; give a file name ending in {suffix}")
     if p.exists() and not overwrite:
         raise LoraFileError(f"{p}: already exists; pass --force to replace it")
     parent = p.parent if str(p.parent) else Path(".")

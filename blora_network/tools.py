@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,19 +132,6 @@ def _kohya_entry(module: LoraModule, tensors: Mapping[str, torch.Tensor]) -> dic
 
 def _fmt_alpha(a: float) -> str:
     return repr(float(a))
-
-
-def _check_output(output, inputs: Sequence, force: bool) -> Path:
-    """Refuse an input as output (even with ``force``), then safefile's checks."""
-    out = Path(output)
-    for src in inputs:
-        try:
-            same = out.exists() and os.path.samefile(out, src)
-        except OSError:
-            same = False
-        if same:
-            raise LoraFileError(f"{out}: refusing to write over an input file; choose another -o path")
-    return check_output_path(out, overwrite=force, inputs=tuple(inputs))
 
 
 # -- metadata -------------------------------------------------------------------------------
@@ -582,7 +568,7 @@ def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: b
         chosen = lora.roles()
     targets = split_paths(lora.path, out_dir, chosen)
     for target in targets.values():  # refuse before writing anything
-        _check_output(target, [lora.path], force)
+        check_output_path(target, overwrite=force, inputs=[lora.path])
     parts = []
     with lora.reader() as reader:
         # Every block is read (and checked) before the first file is written: a bad tensor in
@@ -644,7 +630,7 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
         lora.require_roles([s.role], f" to take {s.role} from")
         loras.append(lora)
     inputs = [lo.path for lo in loras]
-    _check_output(output, inputs, force)
+    check_output_path(output, overwrite=force, inputs=inputs)
     kept = [(s, lo) for s, lo in zip(sources, loras) if s.weight != 0.0]
     if not kept:
         raise LoraFileError("every weight is 0: the combined file would be empty")
@@ -679,7 +665,7 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
     weights = {block_for_role(r).role: _check_weight(r, w) for r, w in weights.items()}
     lora = _load(path)
     lora.require_roles(list(weights), " to scale")
-    _check_output(output, [lora.path], force)
+    check_output_path(output, overwrite=force, inputs=[lora.path])
     keep = [m for m in lora.modules.values() if not (m.role and weights.get(m.role, 1.0) == 0.0)]
     if not keep:
         raise LoraFileError(f"{lora.path}: every layer would be dropped (weight 0); nothing to write")
@@ -718,7 +704,7 @@ def extract(path, roles: Sequence[str], output, *, force: bool = False,
                 f"{lora.path}: the {role} block ({block.ldm}) has no attention layers (to_q/to_k/to_v/to_out.0), "
                 f"only {', '.join(have[:6])}; there is nothing B-LoRA would train to extract"
             )
-    _check_output(output, [lora.path], force)
+    check_output_path(output, overwrite=force, inputs=[lora.path])
     modules = [m for r in roles for m in lora.role_modules(r, attention_only=True)]
     tensors: dict[str, torch.Tensor] = {}
     written = _Written()
@@ -756,7 +742,7 @@ def convert(path, output, *, to: str = "kohya", force: bool = False,
         raise LoraFileError(f"{lora.path}: already uses kohya names; use --to diffusers or --to peft for the other way")
     if to != "kohya":
         _check_diffusers_convertible(lora)
-    _check_output(output, [lora.path], force)
+    check_output_path(output, overwrite=force, inputs=[lora.path])
     tensors: dict[str, torch.Tensor] = {}
     written = _Written()
     modules = list(lora.modules.values())
