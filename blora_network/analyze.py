@@ -39,7 +39,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .blocks import BLOCKS
+from .blocks import BLOCKS, block_order
 from .errors import LoraFileError
 from .lorafile import LoraModule, delta_norm_sq, guess_model
 
@@ -60,7 +60,6 @@ __all__ = [
     "analyze",
     "unet_block_of",
     "kind_of",
-    "block_order",
 ]
 
 KINDS = ("self_attn", "cross_attn", "ff", "proj", "other")
@@ -227,15 +226,6 @@ def kind_of(module: LoraModule) -> str:
         if rx.search(module.name):
             return kind
     return "other"
-
-
-def block_order(block: str):
-    """Sort key: time_embed, label_emb, input_blocks, middle_block, output_blocks, out, the rest."""
-    nums = tuple(int(x) for x in re.findall(r"\d+", block))
-    head = block.split(".")[0]
-    rank = {"time_embed": 0, "label_emb": 1, "input_blocks": 2, "middle_block": 3, "output_blocks": 4,
-            "out": 5}.get(head, 6)
-    return (rank, nums, block)
 
 
 _ROLE_OF_BLOCK = {b.ldm: b for b in BLOCKS}

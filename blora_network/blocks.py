@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 __all__ = [
+    "block_order",
     "Block",
     "BLOCKS",
     "ROLES",
@@ -192,3 +193,15 @@ def role_of_kohya_key(key: str) -> Optional[str]:
         if key.startswith(b.kohya_prefix):
             return b.role
     return None
+
+
+_HEAD_ORDER = {"text_encoder": 0, "text_encoder_1": 0, "text_encoder_2": 0, "time_embed": 1, "label_emb": 2,
+               "input_blocks": 3, "down_blocks": 3, "middle_block": 4, "mid_block": 4, "output_blocks": 5,
+               "up_blocks": 5, "out": 6}
+
+
+def block_order(block: str):
+    """Sort key for block paths in model order: text encoders, time and label embeddings, input
+    (down) blocks, middle, output (up) blocks, ``out``, then anything else; LDM or diffusers names."""
+    head = block.split(".")[0]
+    return (_HEAD_ORDER.get(head, 7), head, tuple(int(x) for x in re.findall(r"\d+", block)), block)

@@ -39,7 +39,7 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
-from .blocks import BLOCKS, is_attention_layer, ldm_name_of_kohya_key, role_of_kohya_key
+from .blocks import BLOCKS, block_order, is_attention_layer, ldm_name_of_kohya_key, role_of_kohya_key
 from .errors import LoraFileError
 from .safefile import open_safetensors, read_header
 
@@ -385,7 +385,7 @@ class LoraFile:
         parts = [f"{r} ({len(self.role_modules(r))} modules)" for r in self.roles()]
         others = self.other_blocks()
         if others:
-            shown = sorted(others.items(), key=lambda kv: _block_sort_key(kv[0]))
+            shown = sorted(others.items(), key=lambda kv: block_order(kv[0]))
             text = ", ".join(f"{b} ({n})" for b, n in shown[:8])
             if len(shown) > 8:
                 text += f" and {len(shown) - 8} more blocks"
@@ -517,13 +517,6 @@ class _PrefetchPlan:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-
-
-def _block_sort_key(block: str):
-    nums = tuple(int(x) for x in re.findall(r"\d+", block))
-    order = {"text_encoder": 0, "input_blocks": 1, "down_blocks": 1, "middle_block": 2, "mid_block": 2,
-             "output_blocks": 3, "up_blocks": 3}
-    return (order.get(block.split(".")[0].rstrip("_12"), 4), block.split(".")[0], nums)
 
 
 def open_lora(path, *, progress=None) -> LoraFile:

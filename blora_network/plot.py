@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .analyze import KIND_LABELS, KINDS, SDXL_TRANSFORMER_BLOCKS, AnalyzeReport, block_order
-from .blocks import BLOCKS
+from .analyze import KIND_LABELS, KINDS, SDXL_TRANSFORMER_BLOCKS, AnalyzeReport
+from .blocks import BLOCKS, block_order
 from .errors import BLoraError, LoraFileError
 from .safefile import atomic_target, check_output_path
 

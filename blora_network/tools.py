@@ -22,11 +22,13 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .blocks import BLOCKS, ROLES, block_for_role
+from .blocks import BLOCKS, ROLES, block_for_role, block_order
 from .errors import LoraFileError
 from .lorafile import (
     LoraFile,
     LoraModule,
+    _alpha_value,
+    _numel,
     delta_norm_sq,
     diffusers_path_of_kohya_name,
     guess_model,
@@ -116,9 +118,8 @@ def _alpha_of(module: LoraModule, tensors: Mapping[str, torch.Tensor]) -> Option
     """The effective alpha (implied alpha = rank when the file has none or 0)."""
     if module.rank is None:
         return None
-    a = tensors.get("alpha")
-    value = float(a.float().reshape(-1)[0]) if a is not None and a.numel() else 0.0
-    return value if value != 0 else float(module.rank)
+    value = _alpha_value(tensors)
+    return value if value else float(module.rank)
 
 
 def _kohya_entry(module: LoraModule, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -398,10 +399,7 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
     blocks: dict[str, BlockReport] = {}
     for group, modules in groups.items():
         b = next((x for x in BLOCKS if x.role == group), None)
-        sub: dict[str, int] = {}
-        if group == "other":
-            for m in modules:
-                sub[m.block] = sub.get(m.block, 0) + 1
+        sub = lora.other_blocks() if group == "other" else {}
         n = norms_sq[group]
         blocks[group] = BlockReport(
             role=group,
@@ -415,7 +413,7 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
             ranks=sorted({m.rank for m in modules if m.rank is not None}),
             alphas=sorted(alphas[group]),
             norm=(math.sqrt(n) if n is not None and norms else None),
-            blocks=dict(sorted(sub.items(), key=lambda kv: _block_order(kv[0]))),
+            blocks=dict(sorted(sub.items(), key=lambda kv: block_order(kv[0]))),
         )
 
     training = {label: lora.metadata[key] for label, key in _TRAINING_KEYS if key in lora.metadata}
@@ -467,10 +465,6 @@ def _norm_work(m: LoraModule) -> int:
     return m.rank * m.rank * (m.out_features + inner) if m.algo == "lora" else m.rank * m.out_features * inner
 
 
-def _numel(shape) -> int:
-    return math.prod(int(d) for d in shape)
-
-
 def _finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in ``t``. A sum is NaN/Inf whenever an element is (and is fast);
     only when it is not finite do we look element by element (a sum can overflow)."""
@@ -479,14 +473,6 @@ def _finite(t: torch.Tensor) -> bool:
     if math.isfinite(float(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
-
-
-def _block_order(block: str):
-    nums = tuple(int(x) for x in re.findall(r"\d+", block))
-    head = block.split(".")[0]
-    rank = {"text_encoder": 0, "text_encoder_1": 0, "text_encoder_2": 0, "input_blocks": 1, "down_blocks": 1,
-            "middle_block": 2, "mid_block": 2, "output_blocks": 3, "up_blocks": 3}.get(head, 4)
-    return (rank, head, nums)
 
 
 def _inspect_warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, set],
@@ -902,7 +888,7 @@ def plan(preset_spec: str, dim: int) -> Plan:
     blocks = [
         PlanBlock(block=b, role=_role_of_block(b), modules=len(ls),
                   params=sum(dim * (x.in_features + x.out_features) for x in ls), layers=[x.name for x in ls])
-        for b, ls in sorted(by_block.items(), key=lambda kv: _block_order(kv[0]))
+        for b, ls in sorted(by_block.items(), key=lambda kv: block_order(kv[0]))
     ]
     params = sum(b.params for b in blocks)
     notes = []
