@@ -39,9 +39,9 @@ from typing import Iterator, Mapping, Optional
 
 import torch
 
-from .blocks import BLOCKS, block_order, is_attention_layer, ldm_name_of_kohya_key, role_of_kohya_key
+from .blocks import BLOCKS, block_for_role, block_order, is_attention_layer, ldm_name_of_kohya_key, role_of_kohya_key
 from .errors import LoraFileError
-from .safefile import open_safetensors, read_header
+from .safefile import open_safetensors, read_header_layout
 
 __all__ = [
     "LORA_SUFFIXES",
@@ -398,7 +398,7 @@ class LoraFile:
         """Refuse a B-LoRA block the file lacks, naming what it has."""
         for role in roles:
             if not self.role_modules(role):
-                block = next(b for b in BLOCKS if b.role == role)
+                block = block_for_role(role)
                 raise LoraFileError(
                     f"{self.path}: has no {role} block ({block.ldm}, {block.lbw}){what}; it holds: {self.describe_blocks()}"
                 )
@@ -519,18 +519,17 @@ class _PrefetchPlan:
             self.fd = None
 
 
-def open_lora(path, *, progress=None) -> LoraFile:
+def open_lora(path) -> LoraFile:
     """Read the header of a LoRA file and group its tensors into layers (no tensor data read).
 
     Raises :class:`LoraFileError` for a missing, non-safetensors, truncated or corrupt file,
     for two spellings of the same layer, and for a layer missing one of its factors.
     """
     p = Path(path)
-    header = read_header(p)
+    header, data_start, size = read_header_layout(p)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise LoraFileError(f"{p}: corrupt safetensors header (__metadata__ is not a mapping)")
-    data_start = 8 + _header_length(p)
     spans: dict[str, tuple[int, int]] = {}
     grouped: dict[str, dict] = {}
     unparsed: list[str] = []
@@ -579,7 +578,7 @@ def open_lora(path, *, progress=None) -> LoraFile:
         )
     return LoraFile(
         path=p,
-        size=p.stat().st_size,
+        size=size,
         metadata={str(k): str(v) for k, v in meta.items()},
         modules=modules,
         spellings=tuple(spellings),
@@ -587,11 +586,6 @@ def open_lora(path, *, progress=None) -> LoraFile:
         dtypes=dtypes,
         spans=spans,
     )
-
-
-def _header_length(path: Path) -> int:
-    with path.open("rb") as f:
-        return int.from_bytes(f.read(8), "little")
 
 
 # -- the math ---------------------------------------------------------------------------------

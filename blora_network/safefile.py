@@ -33,11 +33,16 @@ __all__ = [
     "write_safetensors",
     "check_output_path",
     "atomic_target",
+    "read_header",
+    "read_header_layout",
+    "write_safetensors_hashed",
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 """A header larger than this is refused: metadata is untrusted text, not a place for data."""
+_LEGACY_START, _LEGACY_END = 0x100000, 0x110000
+"""sd-scripts' ``sshs_legacy_hash``: SHA-256 of this byte window of the saved file."""
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -50,9 +55,9 @@ def _refuse_pickle(path: Path) -> None:
         )
 
 
-def _check_header(path: Path) -> dict:
+def _check_header(path: Path) -> tuple[dict, int, int]:
     """Read the 8-byte header length and the JSON header ourselves, for errors that teach.
-    Returns the parsed header."""
+    Returns the parsed header, the offset where tensor data starts, and the file size."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -94,7 +99,7 @@ def _check_header(path: Path) -> dict:
             f"{path}: truncated safetensors file: its header describes {8 + n + data_end} bytes but "
             f"only {size} are there (the download or the save did not finish; get the file again)"
         )
-    return header
+    return header, 8 + n, size
 
 
 @contextlib.contextmanager
@@ -151,7 +156,7 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     blob = st_save(dict(tensors), ss_only)
     n = int.from_bytes(blob[:8], "little")
     model_hash = hashlib.sha256(memoryview(blob)[8 + n:]).hexdigest()
-    legacy_hash = hashlib.sha256(memoryview(blob)[0x100000:0x110000]).hexdigest()[:8]
+    legacy_hash = hashlib.sha256(memoryview(blob)[_LEGACY_START:_LEGACY_END]).hexdigest()[:8]
     return model_hash, legacy_hash
 
 
@@ -231,6 +236,12 @@ def write_safetensors(
 
 def read_header(path: str | os.PathLike) -> dict:
     """The parsed JSON header (names, dtypes, shapes, offsets, ``__metadata__``), no tensor read."""
+    return read_header_layout(path)[0]
+
+
+def read_header_layout(path: str | os.PathLike) -> tuple[dict, int, int]:
+    """:func:`read_header`, plus the file offset where tensor data starts and the file size
+    (``data_offsets`` in the header count from that offset), from the same single read."""
     p = Path(path)
     _refuse_pickle(p)
     return _check_header(p)
@@ -244,11 +255,9 @@ def _header_only(f) -> None:
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
 
 
-__all__.append("read_header")
 
 
 _HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
-_LEGACY_START, _LEGACY_END = 0x100000, 0x110000
 
 
 def _compact_json(obj) -> bytes:
@@ -405,4 +414,3 @@ def _final_mode(p: Path) -> int:
         return 0o666 & ~mask
 
 
-__all__.append("write_safetensors_hashed")
