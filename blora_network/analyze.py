@@ -41,7 +41,7 @@ from typing import Optional
 
 from .blocks import BLOCKS, block_order
 from .errors import LoraFileError
-from .lorafile import LoraModule, delta_norm_sq, guess_model
+from .lorafile import LoraModule, guess_model
 
 __all__ = [
     "KINDS",
@@ -81,8 +81,6 @@ ALMOST_NONE = 0.05
 """Under this share of the UNet's attention change in the B-LoRA blocks: no command is suggested."""
 LOW_COVERAGE = 0.20
 """Under this share the suggestion notes that the extracted file keeps only part of the effect."""
-
-_LABEL = {"content": "content", "style": "style", "layout": "layout"}
 
 
 @dataclass
@@ -239,7 +237,10 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
     Reads each layer's tensors once (lazily); LoRA norms come from r x r Gram matrices. SD1.x
     and SD2.x files are refused, and so is a file without UNet layers.
     """
-    from .tools import _bar, _load  # the loading checks every tool makes, and its progress bar
+    # the loading checks every tool makes, its progress bar, and its per-layer thread policy
+    import torch
+
+    from .tools import _bar, _load, _norm_sq, _torch_threads
 
     lora = _load(path, need_blora=False)
     unet = [m for m in lora.modules.values() if not m.block.startswith("text_encoder")]
@@ -253,15 +254,20 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
     nonfinite: list[str] = []
     skipped_kinds: set[str] = set()
     energy: dict[str, float] = {}
-    measurable = [m for m in lora.modules.values() if m.algo != "other" and not m.dora]
+    measurable = []
     for m in lora.modules.values():
         if m.algo == "other" or m.dora:
             not_measured.append(m.name)
             skipped_kinds.add("DoRA: its change depends on the base weights" if m.dora
                               else "an algorithm these tools do not know")
-    with lora.reader() as reader, _bar(progress, sum(m.nbytes for m in measurable), f"reading {lora.path.name}") as bar:
+        else:
+            measurable.append(m)
+    threads = torch.get_num_threads()
+    with lora.reader() as reader, _bar(progress, sum(m.nbytes for m in measurable), f"reading {lora.path.name}") as bar, \
+            _torch_threads(1):
+        reader.prefetch(measurable)
         for m in measurable:
-            value = delta_norm_sq(m.algo, reader.tensors(m))
+            value = _norm_sq(m, reader.tensors(m), threads)
             if math.isfinite(value):
                 energy[m.name] = value
             else:
@@ -281,6 +287,7 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
     block_n: dict[str, int] = {}
     kind_e = {k: 0.0 for k in KINDS}
     kind_n = {k: 0 for k in KINDS}
+    attn_modules: dict[str, int] = {}
     for m in unet:
         if m.name not in energy:
             continue
@@ -290,6 +297,8 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
         block_n[b] = block_n.get(b, 0) + 1
         kind_e[k] += e
         kind_n[k] += 1
+        if k in ATTENTION_KINDS:
+            attn_modules[b] = attn_modules.get(b, 0) + 1
     total = sum(kind_e.values())
 
     def share(e: float, of: float) -> float:
@@ -309,11 +318,6 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
 
     attn_unet = sum(kind_e[k] for k in ATTENTION_KINDS)
     attn_block = {b: sum(ks.get(k, 0.0) for k in ATTENTION_KINDS) for b, ks in block_e.items()}
-    attn_modules: dict[str, int] = {}
-    for m in unet:
-        if m.name in energy and kind_of(m) in ATTENTION_KINDS:
-            b = unet_block_of(m)
-            attn_modules[b] = attn_modules.get(b, 0) + 1
     attn_blora = sum(attn_block.get(b.ldm, 0.0) for b in BLOCKS)
     blora = [
         BLoraShare(role=b.role, block=b.ldm, lbw=b.lbw, modules=attn_modules.get(b.ldm, 0),
@@ -367,7 +371,7 @@ def _pct(x: float) -> str:
 
 
 def _roles_text(roles) -> str:
-    names = [_LABEL[r] for r in roles]
+    names = list(roles)
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
@@ -395,7 +399,7 @@ def _suggest(lora, unet, energy, rows, blora, total, attn_unet, coverage) -> Sug
     if lead.share >= DOMINANT_SHARE:
         roles = [lead.role]
         text = (f"{_pct(lead.share)} of the attention change in the B-LoRA blocks is in {lead.block} ({lead.role}): "
-                f"this LoRA is mostly {_LABEL[lead.role]}")
+                f"this LoRA is mostly {lead.role}")
     else:
         roles = [b.role for b in blora if b.share >= PART_SHARE]
         split = ", ".join(f"{b.role} {_pct(b.share)}" for b in blora if b.modules)

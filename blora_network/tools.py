@@ -382,9 +382,7 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
                     alpha_rank_pairs[group].add((m.rank, a))
                 value: Optional[float] = None
                 if norms and m.algo != "other" and not m.dora:
-                    big = _norm_work(m) >= _PARALLEL_WORK
-                    with _torch_threads(default_threads if big else 1):
-                        value = delta_norm_sq(m.algo, tensors)
+                    value = _norm_sq(m, tensors, default_threads)
                 if value is None or not math.isfinite(value):
                     nonfinite += [m.keys[s] for s, t in tensors.items() if not _finite(t)]
                 if value is None or norms_sq[group] is None:
@@ -455,6 +453,12 @@ def _torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _norm_sq(m: LoraModule, tensors: Mapping[str, torch.Tensor], threads: int) -> float:
+    """``||dW||_F^2`` of one layer, on one thread unless the layer is big enough for ``threads``."""
+    with _torch_threads(threads if _norm_work(m) >= _PARALLEL_WORK else 1):
+        return delta_norm_sq(m.algo, tensors)
 
 
 def _norm_work(m: LoraModule) -> int:
