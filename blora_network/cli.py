@@ -15,13 +15,13 @@ from functools import partial
 from typing import Optional, Sequence
 
 from . import __version__
-from .blocks import BLOCKS, parse_roles
+from .blocks import BLOCKS, ROLES, block_for_role, parse_roles
 from .errors import BLoraError
 
 __all__ = ["main", "build_parser"]
 
 PROG = "blora-network"
-_ROLE_HELP = "content (output_blocks.0.1, OUT0), style (output_blocks.1.1, OUT1), layout (input_blocks.8.1, IN08)"
+_ROLE_HELP = ", ".join(f"{b.role} ({b.ldm}, {b.lbw})" for b in BLOCKS)
 
 
 def _size(n: int) -> str:
@@ -85,8 +85,7 @@ def _cmd_presets(args) -> int:
     width = max(len(p.name) for p in items) + 10
     for p in items:
         name = p.name + (" (default)" if p.name == DEFAULT_PRESET else "")
-        blocks = ", ".join(f"{role} {b.ldm}: {p.blocks.get(b.ldm, 0)}" for role in p.roles
-                           for b in BLOCKS if b.role == role)
+        blocks = ", ".join(f"{b.role} {b.ldm}: {p.blocks.get(b.ldm, 0)}" for b in map(block_for_role, p.roles))
         print(f"  {name:<{width}} {p.modules:>4} layers   {blocks}")
     print("Use one with: --network_module blora_network --network_args \"preset=NAME\"; "
           "see a custom TOML with: blora-network plan --preset my.toml --dim 64")
@@ -115,8 +114,7 @@ def _cmd_plan(args) -> int:
     if args.json:
         _print_json(asdict(result))
         return 0
-    src = "built-in" if result.source == "built-in" else result.source
-    print(f"preset {result.preset} ({src}) at rank {result.dim} on sd-scripts' full-size SDXL UNet")
+    print(f"preset {result.preset} ({result.source}) at rank {result.dim} on sd-scripts' full-size SDXL UNet")
     print(f"  {'block':<20} {'role':<8} {'layers':>6} {'parameters':>13}")
     for b in result.blocks:
         print(f"  {b.block:<20} {b.role or '-':<8} {b.modules:>6} {b.params:>13,}")
@@ -253,7 +251,7 @@ def _cmd_combine(args) -> int:
     from .tools import BlockSource, combine
 
     sources = []
-    for role in ("content", "style", "layout"):
+    for role in ROLES:
         path = getattr(args, role)
         weight = getattr(args, f"{role}_weight")
         if path is None:
@@ -269,7 +267,7 @@ def _cmd_combine(args) -> int:
 def _cmd_scale(args) -> int:
     from .tools import scale
 
-    weights = {r: getattr(args, r) for r in ("content", "style", "layout") if getattr(args, r) is not None}
+    weights = {r: getattr(args, r) for r in ROLES if getattr(args, r) is not None}
     if not weights:
         raise BLoraError("no weight given: pass --content W, --style W and/or --layout W")
     return _report_written(scale(args.file, weights, args.output, force=args.force, progress=_progress(args)))
@@ -290,10 +288,12 @@ def _cmd_convert(args) -> int:
 # -- the parser -------------------------------------------------------------------------------
 
 def _sub(sub, name: str, help: str, description: str, example: str):
-    return sub.add_parser(
+    p = sub.add_parser(
         name, help=help, description=description, epilog="example:\n" + example,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    return p
 
 
 def _out_args(p) -> None:
@@ -383,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
              "A weight of 0 leaves the block out. Negative weights are allowed.",
              "  blora-network combine --content dog.safetensors --style ink.safetensors --style-weight 0.8 "
              "-o dog_ink.safetensors")
-    for role in ("content", "style", "layout"):
+    for role in ROLES:
         p.add_argument(f"--{role}", metavar="FILE", help=f"take the {role} block from FILE")
         p.add_argument(f"--{role}-weight", type=_weight, metavar="W", help=f"weight of the {role} block (default 1)")
     _out_args(p)
@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
              "negative weights are allowed. DoRA layers accept only weight 1.",
              "  blora-network scale my_blora.safetensors --content 1.0 --style 0.6 -o my_blora_s06.safetensors")
     p.add_argument("file", metavar="FILE")
-    for role in ("content", "style", "layout"):
+    for role in ROLES:
         p.add_argument(f"--{role}", type=_weight, metavar="W", help=f"weight of the {role} block")
     _out_args(p)
     p.set_defaults(func=_cmd_scale)
@@ -423,16 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     _out_args(p)
     p.set_defaults(func=_cmd_convert)
 
-    try:
-        from . import demo
-    except ImportError:
-        demo = None
-    if demo is not None and hasattr(demo, "add_parser"):
-        demo.add_parser(sub)
+    from . import demo
 
-    for name, action in sub.choices.items():
-        if name != "demo":
-            action.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    demo.add_parser(sub)
     return parser
 
 
@@ -446,10 +439,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prefix = f"{PROG} {args.command}: error:"
     try:
         return int(args.func(args) or 0)
-    except BLoraError as e:
-        print(f"{prefix} {_one_line(e)}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permission denied while writing...
+    except (BLoraError, OSError) as e:  # OSError: disk full, permission denied while writing...
         print(f"{prefix} {_one_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,9 +14,10 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # the CLI builds its parser from this module: no torch import for --help
+    import torch
 
 __all__ = ["DemoResult", "teacher_target", "train", "add_parser", "run"]
 
@@ -39,28 +40,32 @@ class DemoResult:
     seconds: float = 0.0
 
 
-@torch.no_grad()
 def teacher_target(unet: torch.nn.Module, preset: str, batch: tuple, *, seed: int = 0, rank: int = 2, strength: float = 0.5) -> torch.Tensor:
     """The UNet's output after a random rank-``rank`` change to exactly the preset's layers.
 
     A target the adapter can reach, so a falling loss shows it learns, not that it fits noise.
     Call it before ``apply_to`` (it copies the model).
     """
+    import torch
+
     from .presets import load_preset
 
     teacher = copy.deepcopy(unet)
     selected = set(load_preset(preset).select((n, type(m).__name__) for n, m in teacher.named_modules() if n))
     gen = torch.Generator().manual_seed(seed)
-    for name, module in teacher.named_modules():
-        if name in selected:
-            up = torch.randn(module.out_features, rank, generator=gen)
-            down = torch.randn(rank, module.in_features, generator=gen)
-            delta = strength * (up @ down) / math.sqrt(module.in_features * rank)
-            module.weight += delta.to(module.weight)
-    return teacher(*batch)
+    with torch.no_grad():
+        for name, module in teacher.named_modules():
+            if name in selected:
+                up = torch.randn(module.out_features, rank, generator=gen)
+                down = torch.randn(rank, module.in_features, generator=gen)
+                delta = strength * (up @ down) / math.sqrt(module.in_features * rank)
+                module.weight += delta.to(module.weight)
+        return teacher(*batch)
 
 
 def _pick_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -83,6 +88,8 @@ def train(
     The batch is fixed and the target is what the UNet outputs after a random low-rank change
     to the preset's layers (:func:`teacher_target`), so the loss has a reachable minimum.
     """
+    import torch
+
     from . import create_network
     from .sdxl import TINY, build_unet, random_inputs
 
