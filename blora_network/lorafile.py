@@ -35,7 +35,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -317,23 +317,18 @@ def _algo_of(name: str, suffixes: set[str], shapes: Mapping[str, tuple]) -> tupl
                 f"layer {name}: lora_up {list(up)} and lora_down {list(down)} do not multiply "
                 "(the file is corrupt or not a LoRA)"
             )
-        return "lora", int(down[0]), int(up[0]), int(down[1])
+        return "lora", _rank_of("lora", shapes), int(up[0]), int(down[1])
     if suffixes & set(LOHA_SUFFIXES):
         need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
         w1b = shapes["hada_w1_b"]
         tucker = "hada_t1" in suffixes
         out = shapes["hada_w1_a"][1] if tucker else shapes["hada_w1_a"][0]
-        return "loha", int(w1b[0]), int(out), int(w1b[1])
+        return "loha", _rank_of("loha", shapes), int(out), int(w1b[1])
     if suffixes & set(LOKR_SUFFIXES):
         if not ({"lokr_w1"} <= suffixes or {"lokr_w1_a", "lokr_w1_b"} <= suffixes):
             need("lokr_w1")
         if not ({"lokr_w2"} <= suffixes or {"lokr_w2_a", "lokr_w2_b"} <= suffixes):
             need("lokr_w2")
-        rank = None
-        if "lokr_w1_a" in suffixes:
-            rank = shapes["lokr_w1_a"][1]
-        elif "lokr_w2_a" in suffixes:
-            rank = shapes["lokr_w2_a"][0 if "lokr_t2" in suffixes else 1]
         w1 = shapes["lokr_w1"] if "lokr_w1" in suffixes else (shapes["lokr_w1_a"][0], shapes["lokr_w1_b"][1])
         if "lokr_w2" in suffixes:
             w2 = shapes["lokr_w2"][:2]
@@ -341,8 +336,23 @@ def _algo_of(name: str, suffixes: set[str], shapes: Mapping[str, tuple]) -> tupl
             w2 = (shapes["lokr_w2_a"][1], shapes["lokr_w2_b"][1])
         else:
             w2 = (shapes["lokr_w2_a"][0], shapes["lokr_w2_b"][1])
-        return "lokr", (int(rank) if rank is not None else None), int(w1[0] * w2[0]), int(w1[1] * w2[1])
+        return "lokr", _rank_of("lokr", shapes), int(w1[0] * w2[0]), int(w1[1] * w2[1])
     return "other", None, None, None
+
+
+def _rank_of(algo: str, shapes: Mapping[str, Sequence[int]]) -> Optional[int]:
+    """The rank LyCORIS divides alpha by, from the factor shapes (None: a LoKr with no factorized side)."""
+    if algo == "lora":
+        return int(shapes["lora_down.weight"][0])
+    if algo == "loha":
+        return int(shapes["hada_w1_b"][0])
+    if algo == "lokr":
+        if "lokr_w1_a" in shapes:
+            return int(shapes["lokr_w1_a"][1])
+        if "lokr_w2_a" in shapes:  # w2_a is [out, r], or [r, out] with a Tucker core
+            return int(shapes["lokr_w2_a"][0 if "lokr_t2" in shapes else 1])
+        return None
+    raise LoraFileError(f"no scale rule for algorithm {algo!r}")
 
 
 @dataclass
@@ -600,19 +610,9 @@ def _alpha_value(tensors: Mapping[str, torch.Tensor]) -> Optional[float]:
 def module_scale(algo: str, tensors: Mapping[str, torch.Tensor]) -> float:
     """LyCORIS's ``scale`` for a module: alpha / rank (alpha missing or 0 means alpha = rank)."""
     alpha = _alpha_value(tensors)
-    if algo == "lora":
-        rank = tensors["lora_down.weight"].shape[0]
-    elif algo == "loha":
-        rank = tensors["hada_w1_b"].shape[0]
-    elif algo == "lokr":
-        if "lokr_w1" in tensors and "lokr_w2" in tensors:
-            return 1.0  # LyCORIS forces alpha = rank when neither side is factorized
-        if "lokr_w1_a" in tensors:
-            rank = tensors["lokr_w1_a"].shape[1]
-        else:  # w2_a is [out, r], or [r, out] with a Tucker core
-            rank = tensors["lokr_w2_a"].shape[0 if "lokr_t2" in tensors else 1]
-    else:
-        raise LoraFileError(f"no scale rule for algorithm {algo!r}")
+    rank = _rank_of(algo, {k: t.shape for k, t in tensors.items()})
+    if rank is None:
+        return 1.0  # LoKr with neither side factorized: LyCORIS forces alpha = rank
     if alpha is None or alpha == 0:
         return 1.0
     return alpha / rank
