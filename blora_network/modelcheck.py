@@ -75,20 +75,18 @@ def _named_classes(unet: torch.nn.Module) -> list[tuple[str, str]]:
     return [(n, type(m).__name__) for n, m in unet.named_modules() if n]
 
 
-def check_preset_matches(preset: Preset, unet: torch.nn.Module) -> list[str]:
+def check_preset_matches(preset: Preset, unet: torch.nn.Module) -> None:
     """Every UNet pattern and class of ``preset`` must select at least one layer of ``unet``.
 
-    Returns the selected module paths; raises :class:`PresetError` naming the first pattern
-    that matches nothing, with :func:`describe_unet`'s sentence.
+    Raises :class:`PresetError` naming the first pattern that matches nothing, with
+    :func:`describe_unet`'s sentence. (LyCORIS does the selection itself afterwards.)
     """
     modules = _named_classes(unet)
-    selected = preset.select(modules)
     checks = [(f"UNet pattern '{p}' matches no Linear layer", _only(preset, names=(p,))) for p in preset.unet_target_name]
     checks += [(f"no {c!r} module with Linear layers", _only(preset, classes=(c,))) for c in preset.unet_target_module]
     for problem, single in checks:
         if not single.select(modules):
             raise PresetError(f"preset {preset.name!r} ({preset.source}): {problem} in this model; {describe_unet(unet)}")
-    return selected
 
 
 def _only(preset: Preset, names: Iterable[str] = (), classes: Iterable[str] = ()) -> Preset:

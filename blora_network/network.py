@@ -30,7 +30,7 @@ try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
 except ImportError:  # pragma: no cover - depends on the installed LyCORIS
     _LYCORIS_ALGOS = None
 
-from .blocks import BLOCKS, role_of_kohya_key
+from .blocks import BLOCKS, ROLES, role_of_kohya_key
 from .errors import LoraFileError, NetworkArgsError, PresetError
 from .metadata import blora_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
@@ -45,6 +45,8 @@ logger = logging.getLogger("blora_network")
 TEXT_ENCODER_ATTENTION_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2")
 """transformers >= 4.48 names CLIP's attention ``CLIPAttention``; 4.44 (old sd-scripts) ``CLIPSdpaAttention``
 (``CLIPFlashAttention2`` with flash attention)."""
+
+_LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 _PRESET_ATTRS = (
     "ENABLE_CONV",
@@ -191,7 +193,7 @@ class BLoRANetwork(LycorisNetworkKohya):
             bypass_mode=bypass,
         )
         lyco.pop("algo", None)
-        for key in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+        for key in _LORAPLUS_KEYS:  # ours: set on the network below, not LyCORIS constructor arguments
             lyco.pop(key, None)
         kwargs.update(lyco)
         if "warn_on_unmatched" in _INIT_PARAMS:
@@ -216,7 +218,7 @@ class BLoRANetwork(LycorisNetworkKohya):
         self.bypass = bypass
         self._drop_blocks(role for role in options.block_dims if options.block_dims[role] == 0)
         self._drop_blocks(role for role, lr in options.block_lrs.items() if lr == 0)
-        ratios = [options.lycoris.get(k) for k in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")]
+        ratios = [options.lycoris.get(k) for k in _LORAPLUS_KEYS]
         self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio = ratios
         if check_matches and not self.unet_loras and not self.text_encoder_loras:
             raise PresetError(
@@ -244,8 +246,9 @@ class BLoRANetwork(LycorisNetworkKohya):
         """Per role: module count, parameter count, rank and alpha (what the demo and metadata report)."""
         summary = {}
         for role, loras in self.modules_by_role().items():
-            ranks = {r for r, _ in map(_module_rank_alpha, loras) if r is not None}
-            alphas = {a for _, a in map(_module_rank_alpha, loras) if a is not None}
+            pairs = [_module_rank_alpha(m) for m in loras]  # one device-to-host read of alpha each
+            ranks = {r for r, _ in pairs if r is not None}
+            alphas = {a for _, a in pairs if a is not None}
             summary[role] = {
                 "modules": len(loras),
                 "parameters": sum(p.numel() for m in loras for p in m.parameters()),
@@ -287,22 +290,24 @@ class BLoRANetwork(LycorisNetworkKohya):
         the list. A TypeError inside would be swallowed by sd-scripts and the call retried
         with two arguments, so none escapes.
         """
-        try:
-            groups, descriptions = self._param_groups(text_encoder_lr, unet_lr, learning_rate)
-        except TypeError as e:
-            raise NetworkArgsError(f"cannot build optimizer groups: {e}") from e
+        groups, descriptions = self._param_groups(text_encoder_lr, unet_lr, learning_rate)
         if _caller_understands_descriptions():
             return groups, descriptions
         return groups
 
     def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr=None, unet_lr=None, default_lr=None):
         """sd-scripts main: the same groups, with one lr per text encoder."""
+        return self._param_groups(text_encoder_lr, unet_lr, default_lr)
+
+    def _param_groups(self, text_encoder_lr, unet_lr, learning_rate):
+        """The groups and their descriptions. sd-scripts catches a TypeError from the call and
+        retries it with two arguments, which would hide the real error: none escapes."""
         try:
-            return self._param_groups(text_encoder_lr, unet_lr, default_lr)
+            return self._make_param_groups(text_encoder_lr, unet_lr, learning_rate)
         except TypeError as e:
             raise NetworkArgsError(f"cannot build optimizer groups: {e}") from e
 
-    def _param_groups(self, text_encoder_lr, unet_lr, learning_rate):
+    def _make_param_groups(self, text_encoder_lr, unet_lr, learning_rate):
         self.requires_grad_(True)
         if isinstance(text_encoder_lr, (list, tuple)):
             te_lrs = [float(x) for x in text_encoder_lr] or [learning_rate]
@@ -337,7 +342,7 @@ class BLoRANetwork(LycorisNetworkKohya):
         for index in sorted({_te_index(m.lora_name) for m in te_loras}):
             lr = te_lrs[min(index - 1, len(te_lrs) - 1)]
             add([m for m in te_loras if _te_index(m.lora_name) == index], lr, f"textencoder {index}", te_ratio)
-        for role in [b.role for b in BLOCKS] + ["other"]:
+        for role in [*ROLES, "other"]:
             lr = self.options.block_lrs.get(role, base_unet_lr)
             add(by_role.get(role, []), lr, f"unet {role}", unet_ratio)
         return groups, descriptions

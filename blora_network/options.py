@@ -9,7 +9,6 @@ that names the key.
 from __future__ import annotations
 
 import difflib
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
@@ -19,7 +18,6 @@ from .errors import NetworkArgsError
 
 __all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS"]
 
-logger = logging.getLogger("blora_network")
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
 _FALSE = {"false", "0", "no", "off", "n", "f", "", "none"}
