@@ -39,7 +39,7 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .blocks import BLOCKS, block_order
+from .blocks import BLOCKS, block_at, block_order
 from .errors import LoraFileError
 from .lorafile import LoraModule, guess_model
 
@@ -226,9 +226,6 @@ def kind_of(module: LoraModule) -> str:
     return "other"
 
 
-_ROLE_OF_BLOCK = {b.ldm: b for b in BLOCKS}
-
-
 # -- the analysis ------------------------------------------------------------------------------
 
 def analyze(path, *, progress=None) -> AnalyzeReport:
@@ -307,7 +304,7 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
     rows = []
     for b in sorted(block_e, key=block_order):
         ks = block_e[b]
-        blk = _ROLE_OF_BLOCK.get(b)
+        blk = block_at(b)
         rows.append(BlockRow(
             block=b, role=blk.role if blk else None, lbw=blk.lbw if blk else None, modules=block_n[b],
             norm=math.sqrt(sum(ks.values())), share=share(sum(ks.values()), total),

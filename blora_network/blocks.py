@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 __all__ = [
+    "block_at",
     "block_order",
     "Block",
     "BLOCKS",
@@ -61,6 +62,7 @@ BLOCKS: tuple[Block, ...] = (
     Block("layout", "input_blocks.8.1", "down_blocks.2.attentions.1", "IN08"),
 )
 ROLES: tuple[str, ...] = tuple(b.role for b in BLOCKS)
+_BY_LDM = {b.ldm: b for b in BLOCKS}
 
 _BY_ALIAS = {}
 for _b in BLOCKS:
@@ -205,3 +207,8 @@ def block_order(block: str):
     (down) blocks, middle, output (up) blocks, ``out``, then anything else; LDM or diffusers names."""
     head = block.split(".")[0]
     return (_HEAD_ORDER.get(head, 7), head, tuple(int(x) for x in re.findall(r"\d+", block)), block)
+
+
+def block_at(ldm_path: str) -> Optional[Block]:
+    """The B-LoRA block at an LDM block path (``output_blocks.0.1`` -> content), or None."""
+    return _BY_LDM.get(ldm_path)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .analyze import KIND_LABELS, KINDS, SDXL_TRANSFORMER_BLOCKS, AnalyzeReport
-from .blocks import BLOCKS, block_order
+from .blocks import block_at, block_order
 from .errors import BLoraError, LoraFileError
 from .safefile import atomic_target, check_output_path
 
@@ -78,11 +78,9 @@ def build_figure(report: AnalyzeReport):
     rows = {r.block: r for r in report.blocks}
     total_sq = report.unet_norm ** 2
     x = list(range(len(slots)))
-    role_of = {b.ldm: b for b in BLOCKS}
-
     # the B-LoRA slots, shaded behind the bars
     for i, block in enumerate(slots):
-        b = role_of.get(block)
+        b = block_at(block)
         if b is not None:
             ax.axvspan(i - 0.5, i + 0.5, color=ROLE_COLORS[b.role][0], zorder=0)
 
@@ -110,7 +108,7 @@ def build_figure(report: AnalyzeReport):
     ax.set_xticks(x)
     ax.set_xticklabels(slots, rotation=60, ha="right", rotation_mode="anchor", fontsize=8.5)
     for tick, block in zip(ax.get_xticklabels(), slots):
-        b = role_of.get(block)
+        b = block_at(block)
         if b is not None:
             tick.set_color(ROLE_COLORS[b.role][1])
             tick.set_fontweight("bold")
@@ -118,7 +116,7 @@ def build_figure(report: AnalyzeReport):
             tick.set_color("#9a9a9a")
     for i, block in enumerate(slots):
         r = rows.get(block)
-        b = role_of.get(block)
+        b = block_at(block)
         if b is not None:
             share = next(s for s in report.blora if s.role == b.role)
             text = f"{b.role.upper()}\n{b.lbw}"

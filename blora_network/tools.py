@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .blocks import BLOCKS, ROLES, block_for_role, block_order
+from .blocks import BLOCKS, ROLES, block_at, block_for_role, block_order
 from .errors import LoraFileError
 from .lorafile import (
     LoraFile,
@@ -789,10 +789,6 @@ def _block_of_path(path: str) -> str:
     return parts[0]
 
 
-def _role_of_block(block: str) -> Optional[str]:
-    return next((b.role for b in BLOCKS if b.ldm == block), None)
-
-
 @dataclass
 class PresetSummary:
     name: str
@@ -890,7 +886,7 @@ def plan(preset_spec: str, dim: int) -> Plan:
     for layer in layers:
         by_block.setdefault(_block_of_path(layer.name), []).append(layer)
     blocks = [
-        PlanBlock(block=b, role=_role_of_block(b), modules=len(ls),
+        PlanBlock(block=b, role=getattr(block_at(b), "role", None), modules=len(ls),
                   params=sum(dim * (x.in_features + x.out_features) for x in ls), layers=[x.name for x in ls])
         for b, ls in sorted(by_block.items(), key=lambda kv: block_order(kv[0]))
     ]
