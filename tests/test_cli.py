@@ -49,6 +49,17 @@ def blora(tmp_path):
 
 # -- help ---------------------------------------------------------------------------------------
 
+def test_help_and_usage_errors_do_not_import_torch():
+    """Building the parser (``--help``, a wrong command line) must not pay torch's ~1.5 s import."""
+    code = ("import sys; from blora_network.cli import main\n"
+            "for argv in (['--help'], ['split', '--help'], ['demo', '--help'], ['nosuchcommand']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "heavy = sorted(m for m in ('torch', 'lycoris', 'safetensors.torch') if m in sys.modules)\n"
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_has_help_with_an_example(capsys, command):
     with pytest.raises(SystemExit) as e:
