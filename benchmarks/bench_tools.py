@@ -74,7 +74,7 @@ import torch.nn as nn  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from blora_network import safefile, tools  # noqa: E402
+from blora_network import inspection, safefile, transforms  # noqa: E402
 from blora_network.blocks import BLOCKS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
@@ -90,7 +90,7 @@ PREFIX = {b.role: "lora_unet_" + b.ldm.replace(".", "_") + "_" for b in BLOCKS}
 def unet_layers(rank: int) -> tuple[list[tuple], int]:
     """``[(module path, in, out, kernel, rank or None)]`` as sd-scripts' networks.lora targets them
     (rank None: a 3x3 conv, at the conv rank), and the 3x3 convs' bytes per unit of conv rank (fp16)."""
-    from blora_network.sdxl import FULL, build_unet
+    from blora_network.sdxl_unet import FULL, build_unet
 
     unet = build_unet(FULL, device="meta")
     out, per_conv_rank = [], 0
@@ -266,21 +266,21 @@ def make_rows(a: Path, b: Path, out: Path, diagnose: bool) -> list[Row]:
     cs = ["content", "style"]
     rows = [
         Row("split", "blora-network split A.safetensors --out-dir OUT",
-            lambda: tools.split(a, out_dir=out),
+            lambda: transforms.split(a, out_dir=out),
             lambda: [bound_write([(a, select_blocks([r]))], p) for r, p in zip(roles, split_outs)],
             [a], [(a, select_blocks(roles))], split_outs),
         Row("extract", "blora-network extract A.safetensors --blocks content,style -o OUT",
-            lambda: tools.extract(a, cs, o),
+            lambda: transforms.extract(a, cs, o),
             lambda: bound_write([(a, select_blocks(cs, attention_only=True))], o),
             [a], [(a, select_blocks(cs, attention_only=True))], [o]),
         Row("combine", "blora-network combine --content A.safetensors --style B.safetensors -o OUT",
-            lambda: tools.combine([tools.BlockSource("content", str(a)), tools.BlockSource("style", str(b))], o),
+            lambda: transforms.combine([transforms.BlockSource("content", str(a)), transforms.BlockSource("style", str(b))], o),
             lambda: bound_write([(a, select_blocks(["content"])), (b, select_blocks(["style"]))], o),
             [a, b], [(a, select_blocks(["content"])), (b, select_blocks(["style"]))], [o]),
         Row("inspect", "blora-network inspect A.safetensors",
-            lambda: tools.inspect(a), lambda: bound_read_all(a), [a], [(a, lambda k: True)], []),
+            lambda: inspection.inspect(a), lambda: bound_read_all(a), [a], [(a, lambda k: True)], []),
         Row("inspect --no-norms", "blora-network inspect A.safetensors --no-norms",
-            lambda: tools.inspect(a, norms=False), lambda: bound_read_all(a), [a], [(a, lambda k: True)], []),
+            lambda: inspection.inspect(a, norms=False), lambda: bound_read_all(a), [a], [(a, lambda k: True)], []),
     ]
     if diagnose:
         base = rows[:3]
@@ -307,16 +307,16 @@ class _NoHash:
 @contextlib.contextmanager
 def with_fsync():
     """Our writer as it runs when an output replaces an existing file: fsync before the rename."""
-    real = tools.write_safetensors_hashed
+    real = transforms.write_safetensors_hashed
 
     def durable(*args, **kwargs):
         kwargs["durable"] = True
         return real(*args, **kwargs)
-    tools.write_safetensors_hashed = durable
+    transforms.write_safetensors_hashed = durable
     try:
         yield
     finally:
-        tools.write_safetensors_hashed = real
+        transforms.write_safetensors_hashed = real
 
 
 @contextlib.contextmanager
@@ -495,16 +495,20 @@ def profile(rows: list[Row], out: Path, top: int) -> str:
 def _phase_points():
     import threading
 
-    from blora_network import lorafile
+    from blora_network import lorafile, measure
+
+    # patched where they are looked up: each module binds the names it imports
     return [
-        ("header (_load: open_lora, checks)", tools, "_load"),
+        ("header (open_sdxl_lora: open_lora, checks)", transforms, "open_sdxl_lora"),
+        ("header (open_sdxl_lora: open_lora, checks)", inspection, "open_sdxl_lora"),
         ("tensors from safe_open", lorafile.TensorReader, "tensors"),
         ("layout (_data_order)", safefile, "_data_order"),
         ("save_file (write)", safefile, "st_save_file"),
         ("fsync", os, "fsync"),
         ("waiting for the hash thread", threading.Thread, "join"),
-        ("norms (delta_norm_sq)", tools, "delta_norm_sq"),
-        ("NaN/Inf scan (_finite)", tools, "_finite"),
+        ("norms (delta_norm_sq)", measure, "delta_norm_sq"),
+        ("NaN/Inf scan (all_finite)", lorafile, "all_finite"),
+        ("NaN/Inf scan (all_finite)", inspection, "all_finite"),
     ]
 
 
@@ -537,11 +541,11 @@ def phases(rows: list[Row], out: Path, repeats: int) -> str:
                 clean(row, out)
                 samples.append({**spent, "total": total})
             results[row.name] = {k: statistics.median(s.get(k, 0.0) for s in samples)
-                                 for k in ["total", *(label for label, _, _ in points)]}
+                                 for k in ["total", *dict.fromkeys(label for label, _, _ in points)]}
     finally:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
-    labels = [label for label, _, _ in points if any(r[label] > 0.0005 for r in results.values())]
+    labels = [label for label in dict.fromkeys(lb for lb, _, _ in points) if any(r[label] > 0.0005 for r in results.values())]
     head = ["phase (s, main thread)", *results]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for label in ["total", *labels]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blora_network.sdxl import FULL, TINY, UNetSize, build_unet
+from blora_network.sdxl_unet import FULL, TINY, UNetSize, build_unet
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CONTENT, STYLE = "output_blocks.0.1", "output_blocks.1.1"
@@ -268,7 +268,7 @@ def whole_unet_lora_params(rank: int) -> dict:
     and every Linear inside ``CLIPAttention``/``CLIPMLP`` for the two text encoders.
     A LoRA on an (in -> out) Linear holds rank * (in + out) parameters.
     """
-    from blora_network.sdxl import linear_layers, module_names
+    from blora_network.sdxl_unet import linear_layers, module_names
 
     transformers = [p for p, cls in module_names(FULL) if cls == "Transformer2DModel"]
     unet = [l for l in linear_layers(FULL) if any(l.name.startswith(t + ".") for t in transformers)]

@@ -34,14 +34,17 @@ Nothing here prints; :mod:`blora_network.cli` does the talking, :mod:`blora_netw
 from __future__ import annotations
 
 import math
-import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .blocks import BLOCKS, block_at, block_order
+import torch
+
+from .blocks import BLOCKS, block_at
 from .errors import LoraFileError
-from .lorafile import LoraModule, guess_model
+from .lorafile import LoraFile, guess_model, open_sdxl_lora
+from .measure import layer_norm_sq
+from .sdxl_names import ATTENTION_KINDS, LAYER_KINDS, SDXL_TRANSFORMER_BLOCKS, block_order, layer_kind
 
 __all__ = [
     "KINDS",
@@ -58,20 +61,10 @@ __all__ = [
     "Suggestion",
     "AnalyzeReport",
     "analyze",
-    "unet_block_of",
-    "kind_of",
 ]
 
-KINDS = ("self_attn", "cross_attn", "ff", "proj", "other")
+KINDS = LAYER_KINDS
 KIND_LABELS = {"self_attn": "self-attn", "cross_attn": "cross-attn", "ff": "ff", "proj": "proj", "other": "other"}
-ATTENTION_KINDS = ("self_attn", "cross_attn")
-
-SDXL_TRANSFORMER_BLOCKS = (
-    "input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1", "middle_block.1",
-    "output_blocks.0.1", "output_blocks.1.1", "output_blocks.2.1", "output_blocks.3.1", "output_blocks.4.1",
-    "output_blocks.5.1",
-)
-"""The eleven Transformer2DModel blocks of SDXL's UNet, in order (LDM names)."""
 
 DOMINANT_SHARE = 0.60
 """A B-LoRA block holding this much of the B-LoRA blocks' attention change is suggested alone."""
@@ -169,63 +162,6 @@ class AnalyzeReport:
     warnings: list[str] = field(default_factory=list)
 
 
-# -- names ------------------------------------------------------------------------------------
-
-_LDM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)\.\d+\.\d+$|^middle_block\.\d+$")
-_DIFF_RESNET_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)$")
-_KIND_RES = (
-    ("self_attn", re.compile(r"_attn1_")),
-    ("cross_attn", re.compile(r"_attn2_")),
-    ("ff", re.compile(r"_ff_net_")),
-    ("proj", re.compile(r"_proj_(in|out)$")),
-)
-_TOP_LEVEL = (
-    ("time_embed", ("time_embed", "time_embedding")),
-    ("label_emb", ("label_emb", "add_embedding")),
-    ("input_blocks.0.0", ("conv_in",)),
-    ("out", ("out", "conv_out", "conv_norm_out")),
-)
-
-
-def unet_block_of(module: LoraModule) -> str:
-    """The UNet block of a module by sd-scripts' LDM name, whatever the file's spelling.
-
-    ``input_blocks.4.1`` (transformer), ``input_blocks.4.0`` (resnet), ``middle_block.1``,
-    ``time_embed``, ``label_emb``, ``out``; diffusers names (``down_blocks.1.resnets.0``,
-    ``up_blocks.0.upsamplers.0``, ``conv_in``...) are mapped to those. Anything unknown keeps
-    lorafile's name for it.
-    """
-    block = module.block
-    if _LDM_BLOCK_RE.match(block):
-        return block
-    m = _DIFF_RESNET_RE.match(block)
-    if m:
-        level, part, k = int(m.group(2)), m.group(3), int(m.group(4))
-        if part == "resnets":
-            if m.group(1) == "down_blocks":
-                return f"input_blocks.{3 * level + k + 1}.0"
-            return f"output_blocks.{3 * level + k}.0"
-        if part == "downsamplers":
-            return f"input_blocks.{3 * level + 3}.0"
-        return f"output_blocks.{3 * level + 2}.2"  # SDXL's upsampling levels (0, 1) have attention
-    if block.startswith("mid_block.resnets."):
-        return "middle_block.0" if block.endswith(".0") else "middle_block.2"
-    if block.startswith("unet."):
-        rest = module.name[len("lora_unet_"):] if module.name.startswith("lora_unet_") else block[5:]
-        for target, heads in _TOP_LEVEL:
-            if any(rest == h or rest.startswith(h + "_") for h in heads):
-                return target
-    return block
-
-
-def kind_of(module: LoraModule) -> str:
-    """``self_attn``, ``cross_attn``, ``ff``, ``proj`` or ``other`` from the canonical name."""
-    for kind, rx in _KIND_RES:
-        if rx.search(module.name):
-            return kind
-    return "other"
-
-
 # -- the analysis ------------------------------------------------------------------------------
 
 def analyze(path, *, progress=None) -> AnalyzeReport:
@@ -234,114 +170,27 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
     Reads each layer's tensors once (lazily); LoRA norms come from r x r Gram matrices. SD1.x
     and SD2.x files are refused, and so is a file without UNet layers.
     """
-    # the loading checks every tool makes, its progress bar, and its per-layer thread policy
-    import torch
-
-    from .tools import _bar, _load, _norm_sq, _torch_threads
-
-    lora = _load(path, need_blora=False)
-    unet = [m for m in lora.modules.values() if not m.block.startswith("text_encoder")]
-    te = [m for m in lora.modules.values() if m.block.startswith("text_encoder")]
+    lora = open_sdxl_lora(path, need_blora=False)
+    unet = [m for m in lora.layers.values() if not m.is_text_encoder]
+    te = [m for m in lora.layers.values() if m.is_text_encoder]
     if not unet:
         raise LoraFileError(
             f"{lora.path}: holds no UNet layers, only {len(te)} text-encoder layers; "
             "B-LoRA blocks are in the UNet, so there is nothing to analyze"
         )
-    not_measured: list[str] = []
-    nonfinite: list[str] = []
-    skipped_kinds: set[str] = set()
-    energy: dict[str, float] = {}
-    measurable = []
-    for m in lora.modules.values():
-        if m.algo == "other" or m.dora:
-            not_measured.append(m.name)
-            skipped_kinds.add("DoRA: its change depends on the base weights" if m.dora
-                              else "an algorithm these tools do not know")
-        else:
-            measurable.append(m)
-    threads = torch.get_num_threads()
-    with lora.reader() as reader, _bar(progress, sum(m.nbytes for m in measurable), f"reading {lora.path.name}") as bar, \
-            _torch_threads(1):
-        reader.prefetch(measurable)
-        for m in measurable:
-            value = _norm_sq(m, reader.tensors(m), threads)
-            if math.isfinite(value):
-                energy[m.name] = value
-            else:
-                not_measured.append(m.name)
-                nonfinite.append(m.name)
-            bar.update(m.nbytes)
-
+    energy, not_measured, nonfinite, skipped_kinds = _measure(lora, progress)
     if not any(m.name in energy for m in unet):
         why = sorted(skipped_kinds | ({"NaN or Inf"} if nonfinite else set()))
         raise LoraFileError(
             f"{lora.path}: none of its {len(unet)} UNet layers can be measured "
             f"({'; '.join(why)}; first: {unet[0].name})"
         )
-
-    # per block and kind
-    block_e: dict[str, dict[str, float]] = {}
-    block_n: dict[str, int] = {}
-    kind_e = {k: 0.0 for k in KINDS}
-    kind_n = {k: 0 for k in KINDS}
-    attn_modules: dict[str, int] = {}
-    for m in unet:
-        if m.name not in energy:
-            continue
-        b, k, e = unet_block_of(m), kind_of(m), energy[m.name]
-        block_e.setdefault(b, {})
-        block_e[b][k] = block_e[b].get(k, 0.0) + e
-        block_n[b] = block_n.get(b, 0) + 1
-        kind_e[k] += e
-        kind_n[k] += 1
-        if k in ATTENTION_KINDS:
-            attn_modules[b] = attn_modules.get(b, 0) + 1
-    total = sum(kind_e.values())
-
-    def share(e: float, of: float) -> float:
-        return e / of if of > 0 else 0.0
-
-    rows = []
-    for b in sorted(block_e, key=block_order):
-        ks = block_e[b]
-        blk = block_at(b)
-        rows.append(BlockRow(
-            block=b, role=blk.role if blk else None, lbw=blk.lbw if blk else None, modules=block_n[b],
-            norm=math.sqrt(sum(ks.values())), share=share(sum(ks.values()), total),
-            kinds={k: math.sqrt(ks[k]) for k in KINDS if k in ks},
-        ))
-    kinds = {k: KindTotal(kind=k, modules=kind_n[k], norm=math.sqrt(kind_e[k]), share=share(kind_e[k], total))
-             for k in KINDS}
-
-    attn_unet = sum(kind_e[k] for k in ATTENTION_KINDS)
-    attn_block = {b: sum(ks.get(k, 0.0) for k in ATTENTION_KINDS) for b, ks in block_e.items()}
-    attn_blora = sum(attn_block.get(b.ldm, 0.0) for b in BLOCKS)
-    blora = [
-        BLoraShare(role=b.role, block=b.ldm, lbw=b.lbw, modules=attn_modules.get(b.ldm, 0),
-                   attention_norm=math.sqrt(attn_block.get(b.ldm, 0.0)),
-                   share=share(attn_block.get(b.ldm, 0.0), attn_blora),
-                   unet_attention_share=share(attn_block.get(b.ldm, 0.0), attn_unet))
-        for b in BLOCKS
-    ]
+    rows, kinds, blora, coverage, attn_unet = _shares(unet, energy)
+    total = sum(k.norm ** 2 for k in kinds.values())
     te_rows = []
     for name in sorted({m.block for m in te}):
         ms = [m for m in te if m.block == name and m.name in energy]
         te_rows.append(TextEncoderRow(name=name, modules=len(ms), norm=math.sqrt(sum(energy[m.name] for m in ms))))
-    te_norm = math.sqrt(sum(r.norm ** 2 for r in te_rows)) if te_rows else None
-
-    coverage = share(attn_blora, attn_unet)
-    suggestion = _suggest(lora, unet, energy, rows, blora, total, attn_unet, coverage)
-
-    warnings = []
-    if nonfinite:
-        warnings.append(f"{len(nonfinite)} layers hold NaN or Inf (first: {nonfinite[0]}) and are left out of every "
-                        "number; the file will give black or noise images")
-    skipped = [n for n in not_measured if n not in nonfinite]
-    if skipped:
-        warnings.append(f"{len(skipped)} layers are not measured and left out of every number "
-                        f"({'; '.join(sorted(skipped_kinds))}; first: {skipped[0]})")
-    if total == 0:
-        warnings.append("every measured UNet layer's change is zero (an untrained LoRA, or lora_up all zeros)")
     return AnalyzeReport(
         file=str(lora.path),
         model=guess_model(lora).model,
@@ -353,11 +202,98 @@ def analyze(path, *, progress=None) -> AnalyzeReport:
         blora=blora,
         blora_attention_share=coverage,
         text_encoders=te_rows,
-        text_encoder_norm=te_norm,
-        suggestion=suggestion,
+        text_encoder_norm=math.sqrt(sum(r.norm ** 2 for r in te_rows)) if te_rows else None,
+        suggestion=_suggest(lora, unet, energy, rows, blora, total, attn_unet, coverage),
         not_measured=not_measured,
-        warnings=warnings,
+        warnings=_warnings(not_measured, nonfinite, skipped_kinds, total),
     )
+
+
+def _measure(lora: LoraFile, progress) -> tuple[dict[str, float], list[str], list[str], set[str]]:
+    """``||dW||_F^2`` per layer name, and the layers left out (DoRA, unknown algorithms, NaN/Inf)."""
+    not_measured: list[str] = []
+    nonfinite: list[str] = []
+    skipped_kinds: set[str] = set()
+    measurable = []
+    for m in lora.layers.values():
+        if m.algo == "other" or m.dora:
+            not_measured.append(m.name)
+            skipped_kinds.add("DoRA: its change depends on the base weights" if m.dora
+                              else "an algorithm these tools do not know")
+        else:
+            measurable.append(m)
+    energy: dict[str, float] = {}
+    threads = torch.get_num_threads()  # before the reader drops to one thread
+    with lora.reader() as reader:
+        for m, tensors in reader.read(measurable, progress=progress, refuse_nonfinite=False):
+            value = layer_norm_sq(m, tensors, threads)
+            if math.isfinite(value):
+                energy[m.name] = value
+            else:
+                not_measured.append(m.name)
+                nonfinite.append(m.name)
+    return energy, not_measured, nonfinite, skipped_kinds
+
+
+def _shares(unet, energy: dict[str, float]):
+    """The rows per block and kind, the B-LoRA blocks' attention shares, and the coverage."""
+    block_e: dict[str, dict[str, float]] = {}
+    block_n: dict[str, int] = {}
+    kind_e = {k: 0.0 for k in KINDS}
+    kind_n = {k: 0 for k in KINDS}
+    attn_modules: dict[str, int] = {}
+    for m in unet:
+        if m.name not in energy:
+            continue
+        b, k, e = m.block, layer_kind(m.name), energy[m.name]
+        block_e.setdefault(b, {})
+        block_e[b][k] = block_e[b].get(k, 0.0) + e
+        block_n[b] = block_n.get(b, 0) + 1
+        kind_e[k] += e
+        kind_n[k] += 1
+        if k in ATTENTION_KINDS:
+            attn_modules[b] = attn_modules.get(b, 0) + 1
+    total = sum(kind_e.values())
+    rows = []
+    for b in sorted(block_e, key=block_order):
+        ks = block_e[b]
+        blk = block_at(b)
+        rows.append(BlockRow(
+            block=b, role=blk.role if blk else None, lbw=blk.lbw if blk else None, modules=block_n[b],
+            norm=math.sqrt(sum(ks.values())), share=_share(sum(ks.values()), total),
+            kinds={k: math.sqrt(ks[k]) for k in KINDS if k in ks},
+        ))
+    kinds = {k: KindTotal(kind=k, modules=kind_n[k], norm=math.sqrt(kind_e[k]), share=_share(kind_e[k], total))
+             for k in KINDS}
+    attn_unet = sum(kind_e[k] for k in ATTENTION_KINDS)
+    attn_block = {b: sum(ks.get(k, 0.0) for k in ATTENTION_KINDS) for b, ks in block_e.items()}
+    attn_blora = sum(attn_block.get(b.ldm, 0.0) for b in BLOCKS)
+    blora = [
+        BLoraShare(role=b.role, block=b.ldm, lbw=b.lbw, modules=attn_modules.get(b.ldm, 0),
+                   attention_norm=math.sqrt(attn_block.get(b.ldm, 0.0)),
+                   share=_share(attn_block.get(b.ldm, 0.0), attn_blora),
+                   unet_attention_share=_share(attn_block.get(b.ldm, 0.0), attn_unet))
+        for b in BLOCKS
+    ]
+    return rows, kinds, blora, _share(attn_blora, attn_unet), attn_unet
+
+
+def _share(e: float, of: float) -> float:
+    return e / of if of > 0 else 0.0
+
+
+def _warnings(not_measured: list[str], nonfinite: list[str], skipped_kinds: set[str], total: float) -> list[str]:
+    warnings = []
+    if nonfinite:
+        warnings.append(f"{len(nonfinite)} layers hold NaN or Inf (first: {nonfinite[0]}) and are left out of every "
+                        "number; the file will give black or noise images")
+    skipped = [n for n in not_measured if n not in nonfinite]
+    if skipped:
+        warnings.append(f"{len(skipped)} layers are not measured and left out of every number "
+                        f"({'; '.join(sorted(skipped_kinds))}; first: {skipped[0]})")
+    if total == 0:
+        warnings.append("every measured UNet layer's change is zero (an untrained LoRA, or lora_up all zeros)")
+    return warnings
 
 
 def _pct(x: float) -> str:
@@ -401,13 +337,13 @@ def _suggest(lora, unet, energy, rows, blora, total, attn_unet, coverage) -> Sug
         roles = [b.role for b in blora if b.share >= PART_SHARE]
         split = ", ".join(f"{b.role} {_pct(b.share)}" for b in blora if b.modules)
         text = f"the attention change in the B-LoRA blocks is split ({split}): this LoRA holds {_roles_text(roles)}"
-    kept = sum(energy[m.name] for m in unet if m.name in energy and m.role in roles and kind_of(m) in ATTENTION_KINDS)
+    kept = sum(energy[m.name] for m in unet if m.name in energy and m.role in roles and layer_kind(m.name) in ATTENTION_KINDS)
     kept_share = kept / total
     if coverage < LOW_COVERAGE:
         text += (f"; note that only {_pct(coverage)} of its attention change is in the B-LoRA blocks, so the "
                  "extracted file keeps only part of its effect")
-    keep = {m.name for m in unet if m.role in roles and kind_of(m) in ATTENTION_KINDS}
-    if keep == set(lora.modules):
+    keep = {m.name for m in unet if m.role in roles and layer_kind(m.name) in ATTENTION_KINDS}
+    if keep == set(lora.layers):
         text += f"; {lora.path.name} holds only those layers already, so there is nothing to extract"
         return Suggestion(roles=roles, text=text, command=None, kept_share=kept_share)
     out = lora.path.with_name(f"{lora.path.stem}_{'_'.join(roles)}.safetensors")

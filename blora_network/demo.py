@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:  # the CLI builds its parser from this module: no torch import for --help
     import torch
 
-__all__ = ["DemoResult", "teacher_target", "train", "add_parser", "run"]
+__all__ = ["DemoResult", "teacher_target", "train", "add_arguments", "run", "HELP", "DESCRIPTION", "EXAMPLE"]
 
 
 @dataclass
@@ -91,7 +91,7 @@ def train(
     import torch
 
     from . import create_network
-    from .sdxl import TINY, build_unet, random_inputs
+    from .sdxl_unet import TINY, build_unet, random_inputs
 
     started = time.perf_counter()
     dev = _pick_device(device)
@@ -161,29 +161,26 @@ def train(
     return result
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``demo`` on the CLI."""
-    p = subparsers.add_parser(
-        "demo",
-        help="train a content_style B-LoRA for a few steps on a tiny built-in SDXL-shaped UNet",
-        description=(
-            "Train a B-LoRA end to end with the calls sd-scripts makes, on a small UNet with sd-scripts' "
-            "SDXL module names and synthetic data (no download), then save it and report what was trained."
-        ),
-        epilog="example: blora-network demo --steps 30 -o demo.safetensors",
-    )
+HELP = "train a content_style B-LoRA for a few steps on a tiny built-in SDXL-shaped UNet"
+DESCRIPTION = (
+    "Train a B-LoRA end to end with the calls sd-scripts makes, on a small UNet with sd-scripts' "
+    "SDXL module names and synthetic data (no download), then save it and report what was trained."
+)
+EXAMPLE = "  blora-network demo --steps 30 -o demo.safetensors"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``demo`` subcommand's options."""
     p.add_argument("--preset", default="content_style", help="built-in preset name or TOML path (default: content_style)")
     p.add_argument("--dim", type=int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("-o", "--output", default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.set_defaults(func=run)
-    return p
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace):
+    """``blora-network demo``: train, save, and report ``(result, lines)``."""
     import logging
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # the summary below says what it would log
@@ -196,15 +193,13 @@ def run(args: argparse.Namespace) -> int:
         output=args.output,
         progress=not args.json,
     )
-    if args.json:
-        print(json.dumps(asdict(result), indent=2))
-        return 0
-    print(f"blora-network demo: preset {result.preset}, rank {result.dim}, {result.steps} AdamW steps on {result.device}")
+    lines = [f"blora-network demo: preset {result.preset}, rank {result.dim}, {result.steps} AdamW steps on {result.device}"]
     for role, s in result.blocks.items():
-        print(f"  {role:<8} {s['modules']:>4} modules  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
-    print(f"  trainable parameters: {result.trainable_parameters:,}")
-    print(f"  loss: {result.loss_before:.6f} -> {result.loss_after:.6f} ({(1 - result.loss_after / result.loss_before) * 100:.1f}% lower)")
+        lines.append(f"  {role:<8} {s['modules']:>4} modules  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
+    lines.append(f"  trainable parameters: {result.trainable_parameters:,}")
+    lines.append(f"  loss: {result.loss_before:.6f} -> {result.loss_after:.6f} "
+                 f"({(1 - result.loss_after / result.loss_before) * 100:.1f}% lower)")
     if result.file:
-        print(f"  wrote {result.file} ({result.file_bytes:,} bytes, bf16, kohya LoRA format)")
-    print(f"  took {result.seconds:.1f} s")
-    return 0
+        lines.append(f"  wrote {result.file} ({result.file_bytes:,} bytes, bf16, kohya LoRA format)")
+    lines.append(f"  took {result.seconds:.1f} s")
+    return result, lines

@@ -1,16 +1,26 @@
-"""The ``blora_*`` metadata keys: what a file says about its own B-LoRA blocks.
+"""What a file says about itself: the metadata of training saves and of tool outputs, from plain data.
 
-The network writes them at save time and every tool updates them, so no later tool has to
-guess which blocks a file holds or where it came from. Values are strings (safetensors
-metadata is ``str -> str``); structured values are JSON.
+safetensors metadata is ``str -> str``; structured values are JSON. Two writers compose it,
+``BLoRANetwork.save_weights`` and the file tools, and both go through this module so a
+training save and, say, ``scale --content 1 --style 1`` of it say the same thing.
+
+The one rule for ``ss_network_dim`` / ``ss_network_alpha`` (:func:`network_dim_alpha`): the
+dim is the largest rank in the file, and the alpha is the largest alpha among the layers of
+that rank (alphas are effective alphas: a missing alpha means alpha = rank). A file whose
+blocks differ in rank is described by its largest block, as sd-scripts' own loaders expect;
+the per-block truth is in ``blora_block_dims`` / ``blora_block_alphas``.
+
+The ``blora_*`` keys say which B-LoRA blocks a file holds and where it came from, so no later
+tool has to guess.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .blocks import BLOCKS
+from .blocks import BLOCKS, ROLES
 
 __all__ = [
     "KEY_VERSION",
@@ -21,7 +31,15 @@ __all__ = [
     "KEY_LRS",
     "KEY_SOURCES",
     "KEY_WEIGHTS",
+    "HASH_KEYS",
+    "STALE_KEYS",
+    "LayerRecord",
+    "network_dim_alpha",
     "blora_metadata",
+    "training_metadata",
+    "tool_metadata",
+    "source_entry",
+    "cumulative_weights",
     "read_json_key",
 ]
 
@@ -34,9 +52,47 @@ KEY_LRS = "blora_block_lrs"        # {"content": 1e-4, ...} when per-block lrs w
 KEY_SOURCES = "blora_sources"      # [{"file": "a.safetensors", "sshs_model_hash": "...", "blocks": [...]}]
 KEY_WEIGHTS = "blora_weights"      # {"content": 1.0, "style": 0.8}: weights baked into the file
 
+HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
+"""The hashes of the tensors sd-scripts stores so UIs need not hash the file; the writer fills them."""
+STALE_KEYS = HASH_KEYS + ("modelspec.hash_sha256",)
+"""Keys a new file must not inherit from its source: they describe the source's tensors."""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What the metadata needs to know of one written layer."""
+
+    role: Optional[str]
+    """``content``, ``style``, ``layout`` or None."""
+    rank: Optional[int]
+    alpha: Optional[float]
+    """The effective alpha (:func:`blora_network.algos.effective_alpha`)."""
+
+
+def network_dim_alpha(records: Iterable[LayerRecord]) -> tuple[Optional[int], Optional[float]]:
+    """The largest rank, and the largest alpha among the layers of that rank (see the module docstring)."""
+    ranked = [(r.rank, r.alpha) for r in records if r.rank is not None]
+    if not ranked:
+        return None, None
+    top = max(rank for rank, _ in ranked)
+    alphas = [a for rank, a in ranked if rank == top and a is not None]
+    return top, (max(alphas) if alphas else None)
+
+
+def _per_role(records: Sequence[LayerRecord]) -> tuple[list[str], dict[str, int], dict[str, float]]:
+    roles = [r for r in ROLES if any(x.role == r for x in records)]
+    dims, alphas = {}, {}
+    for role in roles:
+        dim, alpha = network_dim_alpha(x for x in records if x.role == role)
+        if dim is not None:
+            dims[role] = dim
+        if alpha is not None:
+            alphas[role] = alpha
+    return roles, dims, alphas
+
 
 def blora_metadata(
-    roles: list[str],
+    roles: Sequence[str],
     *,
     preset: Optional[str] = None,
     dims: Optional[Mapping[str, int]] = None,
@@ -60,6 +116,79 @@ def blora_metadata(
     if lrs:
         meta[KEY_LRS] = json.dumps({k: float(v) for k, v in lrs.items()})
     return meta
+
+
+def _dim_alpha_keys(meta: dict[str, str], records: Sequence[LayerRecord]) -> None:
+    dim, alpha = network_dim_alpha(records)
+    if dim is not None:
+        meta["ss_network_dim"] = str(dim)
+        if alpha is not None:
+            meta["ss_network_alpha"] = repr(float(alpha))
+
+
+def training_metadata(given: Optional[Mapping[str, Any]], records: Sequence[LayerRecord], *, preset: str,
+                      lrs: Optional[Mapping[str, float]] = None) -> dict[str, str]:
+    """A training save's metadata: what sd-scripts handed over, with the effective dim/alpha and blora_* keys.
+
+    sd-scripts passes ``ss_network_alpha`` as the command-line value (1 unless given), not the
+    alpha the network really trained with; both keys are rewritten from the layers.
+    """
+    meta = {str(k): str(v) for k, v in (given or {}).items()}
+    meta.setdefault("ss_network_module", "blora_network")
+    _dim_alpha_keys(meta, records)
+    roles, dims, alphas = _per_role(records)
+    meta.update(blora_metadata(roles, preset=preset, dims=dims, alphas=alphas, lrs=lrs or None))
+    return meta
+
+
+def tool_metadata(base: Mapping[str, str], records: Sequence[LayerRecord], sources: list[dict],
+                  weights: Mapping[str, float]) -> dict[str, str]:
+    """A tool output's metadata: the source's, updated to describe the new file truthfully.
+
+    ``weights`` are the weights baked in relative to training (:func:`cumulative_weights`);
+    ``blora_weights`` is left out while they are all 1 and the source had none.
+    """
+    meta = {k: v for k, v in base.items() if k not in STALE_KEYS}
+    _dim_alpha_keys(meta, records)
+    for key in (KEY_BLOCKS, KEY_DIMS, KEY_ALPHAS):
+        meta.pop(key, None)
+    roles, dims, alphas = _per_role(records)
+    if roles:
+        meta.update(blora_metadata(roles, preset=base.get(KEY_PRESET), dims=dims, alphas=alphas))
+    meta[KEY_SOURCES] = json.dumps(sources)
+    if weights and (KEY_WEIGHTS in base or any(w != 1.0 for w in weights.values())):
+        meta[KEY_WEIGHTS] = json.dumps({r: float(weights[r]) for r in ROLES if r in weights})
+    else:
+        meta.pop(KEY_WEIGHTS, None)
+    return meta
+
+
+def source_entry(file_name: str, metadata: Mapping[str, str], roles: Sequence[str],
+                 weights: Mapping[str, float]) -> dict:
+    """One ``blora_sources`` entry: the file, its hash, the blocks taken and their weights, and its own sources."""
+    entry = {
+        "file": file_name,
+        "sshs_model_hash": metadata.get("sshs_model_hash"),
+        "blocks": list(roles),
+        "weights": {r: float(weights.get(r, 1.0)) for r in roles},
+    }
+    earlier = read_json_key(metadata, KEY_SOURCES)
+    if earlier:
+        entry["sources"] = earlier
+    return entry
+
+
+def cumulative_weights(metadata: Mapping[str, str], applied: Mapping[str, float], roles: Iterable[str]) -> dict[str, float]:
+    """Weights baked so far: what the source says it already holds, times what is applied now."""
+    before = read_json_key(metadata, KEY_WEIGHTS, {}) or {}
+    out = {}
+    for role in roles:
+        try:
+            prior = float(before.get(role, 1.0)) if isinstance(before, dict) else 1.0
+        except (TypeError, ValueError):
+            prior = 1.0
+        out[role] = prior * float(applied.get(role, 1.0))
+    return out
 
 
 def read_json_key(metadata: Mapping[str, str], key: str, default: Any = None) -> Any:

@@ -14,7 +14,6 @@ import contextlib
 import inspect
 import logging
 import os
-import re
 import sys
 import threading
 from dataclasses import replace
@@ -30,13 +29,15 @@ try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
 except ImportError:  # pragma: no cover - depends on the installed LyCORIS
     _LYCORIS_ALGOS = None
 
-from .blocks import BLOCKS, ROLES, role_of_kohya_key
+from .algos import algo_of, effective_alpha, layer_shape, rank_and_alpha
+from .blocks import ROLES, role_of_kohya_name
 from .errors import LoraFileError, NetworkArgsError, PresetError
-from .metadata import blora_metadata
+from .metadata import LayerRecord, network_dim_alpha, training_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
-from .options import NetworkOptions, parse_network_args
+from .options import LORAPLUS_KEYS, NetworkOptions, block_algo_map, choose_bypass, lycoris_kwargs, parse_network_args
 from .presets import Preset, load_preset
-from .safefile import PICKLE_SUFFIXES, atomic_target, check_output_path, load_tensors, write_safetensors_hashed
+from .safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
+from .sdxl_names import kohya_module_name, text_encoder_index
 
 __all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "TEXT_ENCODER_ATTENTION_CLASSES"]
 
@@ -45,8 +46,6 @@ logger = logging.getLogger("blora_network")
 TEXT_ENCODER_ATTENTION_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2")
 """transformers >= 4.48 names CLIP's attention ``CLIPAttention``; 4.44 (old sd-scripts) ``CLIPSdpaAttention``
 (``CLIPFlashAttention2`` with flash attention)."""
-
-_LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
 _PRESET_ATTRS = (
     "ENABLE_CONV",
@@ -77,43 +76,45 @@ def _lycoris_preset(preset: dict) -> Iterator[None]:
                     setattr(LycorisNetworkKohya, attr, saved[attr])
 
 
-def choose_bypass(options: NetworkOptions) -> bool:
-    """Bypass (``base(x) + up(down(x)) * scale``) unless DoRA needs the rebuilt weight.
-
-    Bypass costs one base matmul plus N*r*(in+out); rebuild forms dW = up @ down every call
-    and runs a second full-size matmul, so bypass is cheaper for every rank below ~640 on
-    SDXL's 1280-wide layers. Bypass is also the only mode where ``dropout`` acts and where
-    fp8 base weights (``--fp8_base``) work. DoRA is dropped silently in bypass mode, so DoRA
-    gets rebuild mode.
-    """
-    dora = bool(options.lycoris.get("dora_wd", False))
-    if options.bypass_mode is None:
-        return not dora
-    if options.bypass_mode and dora:
-        raise NetworkArgsError(
-            "network_args bypass_mode=true with dora_wd=true: LyCORIS drops DoRA in bypass mode; "
-            "remove bypass_mode (auto picks rebuild mode for DoRA)"
+def _lycoris_preset_for(preset: Preset, options: NetworkOptions) -> dict:
+    """The preset dict LyCORIS gets: the file's keys, the per-block dims/alphas, the CLIP classes; validated."""
+    lyco = preset.lycoris_dict()
+    # 3.x/4.0 inherit TARGET_EXCLUDE_NAME from LycorisNetwork but ignore it; is_excluded came with 4.1
+    if preset.exclude_name and not hasattr(LycorisNetworkKohya, "is_excluded"):
+        raise PresetError(
+            f"preset {preset.name!r} ({preset.source}) uses exclude_name, which needs lycoris-lora>=4.1; "
+            r"upgrade lycoris-lora or use a negative lookahead such as '^(?!.*(ff\.net|proj)).*output_blocks\.0\.1\..*$'"
         )
-    return options.bypass_mode
+    lyco["name_algo_map"] = {**block_algo_map(options), **lyco["name_algo_map"]}
+    if _LYCORIS_ALGOS is not None:
+        known = ", ".join(sorted(_LYCORIS_ALGOS))
+        if options.algo not in _LYCORIS_ALGOS:
+            raise NetworkArgsError(f"network_args algo={options.algo!r}: unknown LyCORIS algorithm; this lycoris-lora knows {known}")
+        for key in ("module_algo_map", "name_algo_map"):
+            for target, config in lyco[key].items():
+                if isinstance(config, dict) and config.get("algo", options.algo) not in _LYCORIS_ALGOS:
+                    raise PresetError(
+                        f"preset {preset.name!r} ({preset.source}): {key} {target!r} uses algo {config['algo']!r}, "
+                        f"unknown to LyCORIS; this lycoris-lora knows {known}"
+                    )
+    if options.train_text_encoder and not preset.trains_text_encoder:
+        lyco["text_encoder_target_module"] = list(TEXT_ENCODER_ATTENTION_CLASSES)
+    return lyco
 
 
 def _role_of_lora(lora_name: str) -> str:
+    """``te`` for text-encoder modules, a B-LoRA role, or ``other``."""
     if lora_name.startswith("lora_te"):
         return "te"
-    return role_of_kohya_key(lora_name + "_") or "other"
+    return role_of_kohya_name(lora_name) or "other"
 
 
-def _te_index(lora_name: str) -> int:
-    m = re.match(r"lora_te(\d*)_", lora_name)
-    return int(m.group(1) or 1) if m else 1
-
-
-def _module_rank_alpha(lora) -> tuple[Optional[int], Optional[float]]:
-    rank = getattr(lora, "lora_dim", None)
-    alpha = getattr(lora, "alpha", None)
-    if isinstance(alpha, torch.Tensor):
-        alpha = float(alpha.detach().float().cpu())
-    return (int(rank) if rank is not None else None), (float(alpha) if alpha is not None else None)
+def _record(lora) -> LayerRecord:
+    """A LyCORIS module as the metadata sees it: its role, rank and effective alpha (one host read)."""
+    tensors = lora.state_dict()
+    algo = algo_of(lora.lora_name, set(tensors), layer_shape(tensors))[0]
+    rank, alpha = rank_and_alpha(algo, tensors) if algo != "other" else (getattr(lora, "lora_dim", None), None)
+    return LayerRecord(role=_role_of_lora(lora.lora_name), rank=rank, alpha=alpha)
 
 
 def _caller_understands_descriptions() -> bool:
@@ -145,90 +146,49 @@ class BLoRANetwork(LycorisNetworkKohya):
         unet = unwrap_unet(unet)
         if check_matches and preset.trains_unet:
             check_preset_matches(preset, unet)
-        lyco_preset = preset.lycoris_dict()
-        # 3.x/4.0 inherit TARGET_EXCLUDE_NAME from LycorisNetwork but ignore it; is_excluded came with 4.1
-        if preset.exclude_name and not hasattr(LycorisNetworkKohya, "is_excluded"):
-            raise PresetError(
-                f"preset {preset.name!r} ({preset.source}) uses exclude_name, which needs lycoris-lora>=4.1; "
-                r"upgrade lycoris-lora or use a negative lookahead such as '^(?!.*(ff\.net|proj)).*output_blocks\.0\.1\..*$'"
-            )
-        name_map = dict(lyco_preset["name_algo_map"])
-        for block in BLOCKS:
-            if block.role in options.block_dims or block.role in options.block_alphas:
-                dim = options.dim_for(block.role)
-                if dim > 0:
-                    name_map.setdefault(
-                        "^" + re.escape(block.ldm) + r"\.",
-                        {"algo": options.algo, "dim": dim, "alpha": options.alpha_for(block.role)},
-                    )
-        lyco_preset["name_algo_map"] = name_map
-        if _LYCORIS_ALGOS is not None:
-            known = ", ".join(sorted(_LYCORIS_ALGOS))
-            if options.algo not in _LYCORIS_ALGOS:
-                raise NetworkArgsError(f"network_args algo={options.algo!r}: unknown LyCORIS algorithm; this lycoris-lora knows {known}")
-            for key in ("module_algo_map", "name_algo_map"):
-                for target, config in lyco_preset[key].items():
-                    if isinstance(config, dict) and config.get("algo", options.algo) not in _LYCORIS_ALGOS:
-                        raise PresetError(
-                            f"preset {preset.name!r} ({preset.source}): {key} {target!r} uses algo {config['algo']!r}, "
-                            f"unknown to LyCORIS; this lycoris-lora knows {known}"
-                        )
-        if options.train_text_encoder and not preset.trains_text_encoder:
-            lyco_preset["text_encoder_target_module"] = list(TEXT_ENCODER_ATTENTION_CLASSES)
-        lyco = dict(options.lycoris)
+        lyco_preset = _lycoris_preset_for(preset, options)
         bypass = choose_bypass(options)
-        kwargs: dict[str, Any] = dict(
-            multiplier=multiplier,
-            lora_dim=options.dim,
-            conv_lora_dim=int(lyco.pop("conv_dim", options.dim)),
-            alpha=options.alpha,
-            conv_alpha=float(lyco.pop("conv_alpha", options.alpha)),
-            dropout=float(lyco.pop("dropout", 0.0)),
-            rank_dropout=float(lyco.pop("rank_dropout", 0.0)),
-            module_dropout=float(lyco.pop("module_dropout", 0.0)),
-            use_tucker=bool(lyco.pop("use_tucker", False) or lyco.pop("use_cp", False) or lyco.pop("use_conv_cp", False)),
-            network_module=options.algo,
-            weight_decompose=bool(lyco.pop("dora_wd", False)),
-            wd_on_out=bool(lyco.pop("wd_on_output", True)),
-            bypass_mode=bypass,
-        )
-        lyco.pop("algo", None)
-        for key in _LORAPLUS_KEYS:  # ours: set on the network below, not LyCORIS constructor arguments
-            lyco.pop(key, None)
-        kwargs.update(lyco)
+        kwargs = lycoris_kwargs(options, multiplier=multiplier, bypass=bypass)
         if "warn_on_unmatched" in _INIT_PARAMS:
             kwargs["warn_on_unmatched"] = False  # we check matches ourselves, with better messages
         te = text_encoder if (options.train_text_encoder or preset.trains_text_encoder) else None
         with _lycoris_preset(lyco_preset):
             super().__init__(te, unet, **kwargs)
         if check_matches and te is not None and not self.text_encoder_loras:
-            wanted = lyco_preset["text_encoder_target_module"] + lyco_preset["text_encoder_target_name"]
-            encoders = te if isinstance(te, (list, tuple)) else [te]
-            found = sorted({type(m).__name__ for enc in encoders for m in enc.modules() if "Attention" in type(m).__name__})
-            raise PresetError(
-                f"train_text_encoder is on but no text-encoder module matches {', '.join(map(repr, wanted))}; "
-                f"the text encoder's attention classes are {', '.join(found) or '(none)'}. Add them to "
-                "text_encoder_target_module in a preset file, or leave train_text_encoder off"
-            )
+            _refuse_unmatched_text_encoder(te, lyco_preset)
         # Keep this network's own view of the preset, whatever the class holds later.
         for attr, key in (("USE_FNMATCH", "use_fnmatch"), ("TARGET_EXCLUDE_NAME", "exclude_name"), ("NAME_ALGO_MAP", "name_algo_map")):
             setattr(self, attr, lyco_preset[key])
-        self.preset = preset
-        self.options = options
-        self.bypass = bypass
-        self._drop_blocks(role for role in options.block_dims if options.block_dims[role] == 0)
-        self._drop_blocks(role for role, lr in options.block_lrs.items() if lr == 0)
-        ratios = [options.lycoris.get(k) for k in _LORAPLUS_KEYS]
-        self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio = ratios
+        self.preset, self.options, self.bypass = preset, options, bypass
+        self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio = (
+            options.lycoris.get(k) for k in LORAPLUS_KEYS)
+        self._drop_blocks({role for role, dim in options.block_dims.items() if dim == 0}
+                          | {role for role, lr in options.block_lrs.items() if lr == 0})
         if check_matches and not self.unet_loras and not self.text_encoder_loras:
             raise PresetError(
                 f"preset {preset.name!r} ({preset.source}) with these network_args trains no module; "
                 "check the block dims and learning rates (0 turns a block off)"
             )
 
+    @classmethod
+    def from_modules(cls, unet, modules: list, *, preset: Preset, options: NetworkOptions,
+                     multiplier: float = 1.0) -> "BLoRANetwork":
+        """A network holding already-made LyCORIS modules (rebuilt from a file), for ``preset``'s record."""
+        empty = replace(preset, unet_target_name=(), unet_target_module=(), text_encoder_target_name=(),
+                        text_encoder_target_module=())
+        network = cls(None, unet, preset=empty, options=options, multiplier=multiplier, check_matches=False)
+        network.preset = preset
+        network.text_encoder_loras = [m for m in modules if m.lora_name.startswith("lora_te")]
+        network.unet_loras = [m for m in modules if not m.lora_name.startswith("lora_te")]
+        network.loras = network.text_encoder_loras + network.unet_loras
+        for lora in network.loras:
+            lora.multiplier = float(multiplier)
+            if hasattr(lora, "bypass_mode"):
+                lora.bypass_mode = network.bypass and not getattr(lora, "wd", False)
+        return network
+
     # -- bookkeeping --------------------------------------------------------------------
-    def _drop_blocks(self, roles) -> None:
-        roles = set(roles)
+    def _drop_blocks(self, roles: set) -> None:
         if not roles:
             return
         self.unet_loras = [m for m in self.unet_loras if _role_of_lora(m.lora_name) not in roles]
@@ -246,14 +206,12 @@ class BLoRANetwork(LycorisNetworkKohya):
         """Per role: module count, parameter count, rank and alpha (what the demo and metadata report)."""
         summary = {}
         for role, loras in self.modules_by_role().items():
-            pairs = [_module_rank_alpha(m) for m in loras]  # one device-to-host read of alpha each
-            ranks = {r for r, _ in pairs if r is not None}
-            alphas = {a for _, a in pairs if a is not None}
+            rank, alpha = network_dim_alpha(_record(m) for m in loras)
             summary[role] = {
                 "modules": len(loras),
                 "parameters": sum(p.numel() for m in loras for p in m.parameters()),
-                "rank": max(ranks) if ranks else None,
-                "alpha": max(alphas) if alphas else None,
+                "rank": rank,
+                "alpha": alpha,
             }
         return summary
 
@@ -263,7 +221,7 @@ class BLoRANetwork(LycorisNetworkKohya):
         if getattr(args, "fp8_base", False) and not self.bypass:
             raise NetworkArgsError(
                 "--fp8_base needs LyCORIS's bypass mode (rebuild mode cannot multiply fp8 weights); "
-                "remove bypass_mode=false from --network_args" + (" (DoRA needs rebuild mode: drop dora_wd)" if self.options.lycoris.get("dora_wd") else "")
+                "remove bypass_mode=false from --network_args" + (" (DoRA needs rebuild mode: drop dora_wd)" if self.options.dora else "")
             )
         if not getattr(args, "network_train_unet_only", True) and not self.text_encoder_loras:
             logger.info(
@@ -318,38 +276,31 @@ class BLoRANetwork(LycorisNetworkKohya):
         descriptions: list[str] = []
 
         def add(loras, lr, name, ratio):
-            if not loras:
-                return
-            if lr is not None and float(lr) == 0.0:
+            if not loras or (lr is not None and float(lr) == 0.0):
                 return
             plain, plus = [], []
             for lora in loras:
                 for pname, param in lora.named_parameters():
                     (plus if ratio and "lora_up" in pname else plain).append(param)
             for params, desc, factor in ((plain, name, 1.0), (plus, name + " plus", ratio or 1.0)):
-                if not params:
-                    continue
-                group = {"params": params}
-                if lr is not None:
-                    group["lr"] = float(lr) * factor
-                groups.append(group)
-                descriptions.append(desc)
+                if params:
+                    groups.append({"params": params} if lr is None else {"params": params, "lr": float(lr) * factor})
+                    descriptions.append(desc)
 
         by_role = self.modules_by_role()
         te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
         unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
         te_loras = by_role.get("te", [])
-        for index in sorted({_te_index(m.lora_name) for m in te_loras}):
+        for index in sorted({text_encoder_index(m.lora_name) for m in te_loras}):
             lr = te_lrs[min(index - 1, len(te_lrs) - 1)]
-            add([m for m in te_loras if _te_index(m.lora_name) == index], lr, f"textencoder {index}", te_ratio)
+            add([m for m in te_loras if text_encoder_index(m.lora_name) == index], lr, f"textencoder {index}", te_ratio)
         for role in [*ROLES, "other"]:
-            lr = self.options.block_lrs.get(role, base_unet_lr)
-            add(by_role.get(role, []), lr, f"unet {role}", unet_ratio)
+            add(by_role.get(role, []), self.options.block_lrs.get(role, base_unet_lr), f"unet {role}", unet_ratio)
         return groups, descriptions
 
     def load_weights(self, file):
         """Load a saved file (``--network_weights``) after checking it fits this network."""
-        weights = read_weights(file)
+        weights = load_weights_file(file)
         mine = {m.lora_name for m in self.text_encoder_loras + self.unet_loras}
         theirs = {k.split(".", 1)[0] for k in weights}
         if mine and not (mine & theirs):
@@ -366,8 +317,7 @@ class BLoRANetwork(LycorisNetworkKohya):
                     "the file has another rank: set --network_dim to it or use --dim_from_weights"
                 )
         self.weights_sd = weights
-        registered = {name for name, _ in self.named_children()}
-        if not registered:  # before apply_to: LyCORIS's apply_to loads self.weights_sd
+        if not any(True for _ in self.named_children()):  # before apply_to: LyCORIS's apply_to loads self.weights_sd
             return {"deferred until apply_to": True}
         missing, unexpected = self.load_state_dict(weights, strict=False)
         info = {}
@@ -394,63 +344,28 @@ class BLoRANetwork(LycorisNetworkKohya):
         state = {k: v.detach().to("cpu") for k, v in self.state_dict().items()}
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
-        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-        summary = self.block_summary()
-        unet_roles = [b.role for b in BLOCKS if b.role in summary]
-        ranks = [s["rank"] for s in summary.values() if s["rank"] is not None]
-        alphas = [s["alpha"] for s in summary.values() if s["alpha"] is not None]
-        meta.setdefault("ss_network_module", "blora_network")
-        if ranks:
-            meta["ss_network_dim"] = str(max(ranks))
-        if alphas:
-            meta["ss_network_alpha"] = str(float(max(alphas)))
-        meta.update(
-            blora_metadata(
-                unet_roles,
-                preset=self.preset.name if self.preset.source == "built-in" else self.preset.source,
-                dims={r: summary[r]["rank"] for r in unet_roles},
-                alphas={r: summary[r]["alpha"] for r in unet_roles},
-                lrs=self.options.block_lrs or None,
-            )
-        )
-        path = Path(file)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            with atomic_target(check_output_path(path, overwrite=True)) as tmp:
-                torch.save(state, tmp)
+        if Path(file).suffix.lower() in PICKLE_SUFFIXES:
+            save_pickle(file, state)
             return
-        write_safetensors_hashed(path, state, meta)
+        records = [_record(m) for m in self.text_encoder_loras + self.unet_loras]
+        preset = self.preset.name if self.preset.source == "built-in" else self.preset.source
+        meta = training_metadata(metadata, records, preset=preset, lrs=self.options.block_lrs)
+        write_safetensors_hashed(file, state, meta)
 
 
-def read_weights(file) -> dict[str, torch.Tensor]:
-    """A weights file's tensors: safetensors, or a pickle loaded with ``weights_only=True``."""
-    path = Path(file)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        if not path.is_file():
-            raise LoraFileError(f"{path}: no such file")
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:  # pickle errors are many kinds; all mean the same to the user
-            raise LoraFileError(
-                f"{path}: refused to load this pickle file safely ({type(e).__name__}); only plain tensors "
-                "are accepted from .pt/.ckpt files. Prefer .safetensors"
-            ) from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
-            raise LoraFileError(f"{path}: not a LoRA state dict (expected a dict of tensors)")
-        weights = state
-    else:
-        weights = load_tensors(path)
-    if not weights:
-        raise LoraFileError(f"{path}: the file holds no tensors")
-    for key, tensor in weights.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor.float()).all():  # float(): no isfinite for fp8
-            raise LoraFileError(
-                f"{path}: tensor {key} holds NaN or Inf; the training that wrote it diverged. Use an earlier save"
-            )
-    return weights
+def _refuse_unmatched_text_encoder(te, lyco_preset: dict) -> None:
+    wanted = lyco_preset["text_encoder_target_module"] + lyco_preset["text_encoder_target_name"]
+    encoders = te if isinstance(te, (list, tuple)) else [te]
+    found = sorted({type(m).__name__ for enc in encoders for m in enc.modules() if "Attention" in type(m).__name__})
+    raise PresetError(
+        f"train_text_encoder is on but no text-encoder module matches {', '.join(map(repr, wanted))}; "
+        f"the text encoder's attention classes are {', '.join(found) or '(none)'}. Add them to "
+        "text_encoder_target_module in a preset file, or leave train_text_encoder off"
+    )
 
 
 def _warn_alpha(options: NetworkOptions, network_alpha: Any) -> None:
-    if options.alpha_from_args:
+    if options.alpha_given:
         logger.info("blora_network: alpha=%g from network_args (scale %.4g)", options.alpha, options.alpha / options.dim)
         return
     try:
@@ -494,16 +409,20 @@ def create_network(
     logger.info(
         "blora_network: preset %s, %s",
         preset.name,
-        ", ".join(f"{role} {s['modules']} modules (rank {s['rank']}, alpha {s['alpha']:g})" for role, s in summary.items()),
+        ", ".join(f"{role} {s['modules']} modules (rank {s['rank']}, alpha {_number(s['alpha'])})" for role, s in summary.items()),
     )
     return network
+
+
+def _number(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:g}"
 
 
 def _module_names_by_kohya(text_encoder, unet) -> dict[str, torch.nn.Module]:
     out = {}
     for name, module in unet.named_modules():
         if name:
-            out[f"lora_unet_{name}".replace(".", "_")] = module
+            out[kohya_module_name(name)] = module
     if text_encoder is not None:
         encoders = text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]
         indexed = isinstance(text_encoder, (list, tuple))
@@ -511,7 +430,7 @@ def _module_names_by_kohya(text_encoder, unet) -> dict[str, torch.nn.Module]:
             prefix = f"lora_te{i + 1}" if indexed else "lora_te"
             for name, module in te.named_modules():
                 if name:
-                    out[f"{prefix}_{name}".replace(".", "_")] = module
+                    out[kohya_module_name(name, prefix)] = module
     return out
 
 
@@ -527,11 +446,12 @@ def create_network_from_weights(
 ):
     """Rebuild a network from a saved file: ``--dim_from_weights``, ``--base_weights``, inference.
 
-    Returns ``(network, weights_sd)`` as sd-scripts expects. The modules and their ranks come
-    from the file (LyCORIS reads each module's algo and shape); the file must fit the model.
+    Returns ``(network, weights_sd)`` as sd-scripts expects. The modules, their ranks and
+    their alphas come from the file (LyCORIS reads each module's algo and shape); the file
+    must fit the model.
     """
     unet = unwrap_unet(unet)
-    weights = dict(weights_sd) if weights_sd is not None else read_weights(file)
+    weights = dict(weights_sd) if weights_sd is not None else load_weights_file(file)
     for_lookup = _module_names_by_kohya(text_encoder, unet)
     names = sorted({k.split(".", 1)[0] for k in weights if "." in k})
     unknown = [n for n in names if n not in for_lookup]
@@ -542,32 +462,21 @@ def create_network_from_weights(
         )
     if not names:
         raise LoraFileError(f"{file}: no LoRA module found in the file")
-    for name in names:  # files converted from diffusers may lack alpha: alpha = rank there
+    for name in names:  # files converted from diffusers have no alpha: write out the alpha they mean
         down = weights.get(f"{name}.lora_down.weight")
         if down is not None and f"{name}.alpha" not in weights:
-            weights[f"{name}.alpha"] = torch.tensor(float(down.shape[0]))
-    made_unet, made_te, ranks = [], [], []
+            weights[f"{name}.alpha"] = torch.tensor(effective_alpha(None, down.shape[0]))
+    modules, ranks = [], []
     for name in names:
         lyco_type, params = get_module(weights, name)
         module = make_module(lyco_type, params, name, for_lookup[name]) if lyco_type is not None else None
         if module is None:
             raise LoraFileError(f"{file}: module {name} is not a LoRA/LyCORIS module LyCORIS can rebuild")
-        module = module.to(torch.float32)
-        (made_te if name.startswith("lora_te") else made_unet).append(module)
-        rank, _ = _module_rank_alpha(module)
+        modules.append(module.to(torch.float32))
+        rank = getattr(module, "lora_dim", None)
         if rank:
-            ranks.append(rank)
-    args = {k: v for k, v in kwargs.items() if k != "preset"}
-    options = parse_network_args(max(ranks) if ranks else 1, None, args)
-    options.alpha_from_args = True  # alphas come from the file
+            ranks.append(int(rank))
+    options = parse_network_args(max(ranks) if ranks else 1, None, {k: v for k, v in kwargs.items() if k != "preset"})
     preset = replace(load_preset(kwargs.get("preset")), name=Path(str(file)).stem, source=str(file))
-    empty = replace(preset, unet_target_name=(), unet_target_module=(), text_encoder_target_name=(), text_encoder_target_module=())
-    network = BLoRANetwork(None, unet, preset=empty, options=options, multiplier=float(multiplier), check_matches=False)
-    network.preset = preset
-    network.unet_loras, network.text_encoder_loras = made_unet, made_te
-    network.loras = made_te + made_unet
-    for lora in network.loras:
-        lora.multiplier = float(multiplier)
-        if hasattr(lora, "bypass_mode"):
-            lora.bypass_mode = network.bypass and not getattr(lora, "wd", False)
+    network = BLoRANetwork.from_modules(unet, modules, preset=preset, options=options, multiplier=float(multiplier))
     return network, weights

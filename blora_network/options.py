@@ -1,22 +1,26 @@
-"""``--network_args`` parsed strictly, before LyCORIS sees them.
+"""``--network_args`` parsed strictly into :class:`NetworkOptions`, and translated into LyCORIS's arguments.
 
 sd-scripts hands every value over as a string (``"false"``, ``"64"``) and LyCORIS parses
 booleans with ``str(v).lower() != "false"``, so ``"0"`` and ``"no"`` would mean *true* there.
 Here a value is parsed by the type of its key, and a value that does not parse is an error
-that names the key.
+that names the key. Our names for LyCORIS's options (``dora_wd``, ``conv_dim``...) are turned
+into its constructor's names (``weight_decompose``, ``conv_lora_dim``...) here too
+(:func:`lycoris_kwargs`), so the network never spells them.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from .blocks import ROLES
+from .blocks import BLOCKS, ROLES
 from .errors import NetworkArgsError
 
-__all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS"]
+__all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS", "LORAPLUS_KEYS",
+           "choose_bypass", "block_algo_map", "lycoris_kwargs"]
 
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
@@ -109,8 +113,8 @@ class NetworkOptions:
 
     dim: int
     alpha: float
-    alpha_from_args: bool = False
-    """True when the user set ``alpha=`` in network_args (otherwise alpha = dim)."""
+    alpha_given: bool = False
+    """True when the user set ``alpha=`` in network_args (otherwise alpha = dim, block by block)."""
     preset: Optional[str] = None
     train_text_encoder: bool = False
     bypass_mode: Optional[bool] = None
@@ -125,13 +129,17 @@ class NetworkOptions:
     def algo(self) -> str:
         return str(self.lycoris.get("algo", "lora")).lower()
 
+    @property
+    def dora(self) -> bool:
+        return bool(self.lycoris.get("dora_wd", False))
+
     def dim_for(self, role: str) -> int:
         return self.block_dims.get(role, self.dim)
 
     def alpha_for(self, role: str) -> float:
         if role in self.block_alphas:
             return self.block_alphas[role]
-        if role in self.block_dims and not self.alpha_from_args:
+        if role in self.block_dims and not self.alpha_given:
             return float(self.block_dims[role])
         return self.alpha
 
@@ -182,7 +190,7 @@ def parse_network_args(
     options = NetworkOptions(dim=dim, alpha=float(dim), preset=parsed.pop("preset", None) or None)
     if "alpha" in parsed:
         options.alpha = float(parsed.pop("alpha"))
-        options.alpha_from_args = True
+        options.alpha_given = True
         if options.alpha <= 0:
             raise NetworkArgsError(f"network_args alpha={options.alpha:g}: must be positive")
     options.train_text_encoder = bool(parsed.pop("train_text_encoder", False))
@@ -203,3 +211,63 @@ def parse_network_args(
             raise NetworkArgsError(f"network_args {key}={parsed[key]:g}: must be in [0, 1)")
     options.lycoris = parsed
     return options
+
+
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+"""Ours, kept on the network for its optimizer groups; never LyCORIS constructor arguments."""
+
+
+def choose_bypass(options: NetworkOptions) -> bool:
+    """Bypass (``base(x) + up(down(x)) * scale``) unless DoRA needs the rebuilt weight.
+
+    Bypass costs one base matmul plus N*r*(in+out); rebuild forms dW = up @ down every call
+    and runs a second full-size matmul, so bypass is cheaper for every rank below ~640 on
+    SDXL's 1280-wide layers. Bypass is also the only mode where ``dropout`` acts and where
+    fp8 base weights (``--fp8_base``) work. DoRA is dropped silently in bypass mode, so DoRA
+    gets rebuild mode.
+    """
+    if options.bypass_mode is None:
+        return not options.dora
+    if options.bypass_mode and options.dora:
+        raise NetworkArgsError(
+            "network_args bypass_mode=true with dora_wd=true: LyCORIS drops DoRA in bypass mode; "
+            "remove bypass_mode (auto picks rebuild mode for DoRA)"
+        )
+    return options.bypass_mode
+
+
+def block_algo_map(options: NetworkOptions) -> dict[str, dict]:
+    """LyCORIS ``name_algo_map`` entries for the blocks with their own dim or alpha (``content_dim=32``...)."""
+    out = {}
+    for block in BLOCKS:
+        if block.role in options.block_dims or block.role in options.block_alphas:
+            dim = options.dim_for(block.role)
+            if dim > 0:
+                out["^" + re.escape(block.ldm) + r"\."] = {"algo": options.algo, "dim": dim,
+                                                          "alpha": options.alpha_for(block.role)}
+    return out
+
+
+def lycoris_kwargs(options: NetworkOptions, *, multiplier: float, bypass: bool) -> dict[str, Any]:
+    """``LycorisNetworkKohya.__init__`` keyword arguments for these options."""
+    lyco = dict(options.lycoris)
+    kwargs: dict[str, Any] = dict(
+        multiplier=multiplier,
+        lora_dim=options.dim,
+        conv_lora_dim=int(lyco.pop("conv_dim", options.dim)),
+        alpha=options.alpha,
+        conv_alpha=float(lyco.pop("conv_alpha", options.alpha)),
+        dropout=float(lyco.pop("dropout", 0.0)),
+        rank_dropout=float(lyco.pop("rank_dropout", 0.0)),
+        module_dropout=float(lyco.pop("module_dropout", 0.0)),
+        use_tucker=bool(lyco.pop("use_tucker", False) or lyco.pop("use_cp", False) or lyco.pop("use_conv_cp", False)),
+        network_module=options.algo,
+        weight_decompose=bool(lyco.pop("dora_wd", False)),
+        wd_on_out=bool(lyco.pop("wd_on_output", True)),
+        bypass_mode=bypass,
+    )
+    lyco.pop("algo", None)
+    for key in LORAPLUS_KEYS:
+        lyco.pop(key, None)
+    kwargs.update(lyco)
+    return kwargs

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .analyze import KIND_LABELS, KINDS, SDXL_TRANSFORMER_BLOCKS, AnalyzeReport
-from .blocks import block_at, block_order
+from .analyze import KIND_LABELS, KINDS, AnalyzeReport
+from .blocks import block_at
 from .errors import BLoraError, LoraFileError
 from .safefile import atomic_target, check_output_path
+from .sdxl_names import SDXL_TRANSFORMER_BLOCKS, block_order
 
 __all__ = ["MatplotlibMissing", "INSTALL_HINT", "FORMATS", "FIGSIZE", "require_matplotlib", "check_plot_path",
            "build_figure", "render"]

@@ -1,6 +1,8 @@
 """Presets: a built-in name or a LyCORIS-format TOML file, validated into a frozen :class:`Preset`.
 
-The TOML files in ``presets/`` are the single source of truth for the built-ins; a user's
+The built-ins are the TOML files in ``blora_network/builtin_presets/``, beside this loader and
+shipped inside the wheel; they are written from :func:`builtin_preset_text` (one regex per
+block, :func:`blora_network.blocks.block_pattern`), and a test holds the files to it. A user's
 own file uses the same format (LyCORIS's preset keys), plus an optional ``[blora]`` table for
 per-block settings (``content_dim``, ``style_lr``, ...) that is stripped before LyCORIS sees it.
 Every problem is a :class:`PresetError` that names the file, the key or pattern, and the fix.
@@ -14,18 +16,27 @@ import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
 import toml
 
-from .blocks import BLOCKS, ROLES, attention_layer_names
+from .blocks import BLOCKS, ROLES, attention_layer_names, block_pattern, lookup_block
 from .errors import PresetError
 
-__all__ = ["Preset", "DEFAULT_PRESET", "BLOCK_SETTING_KEYS", "builtin_names", "load_preset", "preset_from_dict"]
+__all__ = ["Preset", "DEFAULT_PRESET", "BUILTIN_ROLES", "BLOCK_SETTING_KEYS", "builtin_names", "builtin_preset_text",
+           "load_preset", "preset_from_dict"]
 
 DEFAULT_PRESET = "content_style"
+BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
+    "content": ("content",),
+    "style": ("style",),
+    "content_style": ("content", "style"),
+    "layout": ("layout",),
+    "content_style_layout": ("content", "style", "layout"),
+}
+"""Each built-in preset and the B-LoRA blocks it trains (attention layers only)."""
+_BUILTIN_DIR = Path(__file__).resolve().parent / "builtin_presets"
 
 # LyCORIS's preset keys and the Python types their values must have.
 _LYCORIS_KEYS: dict[str, type] = {
@@ -86,7 +97,7 @@ class Preset:
         """The module paths LyCORIS would wrap, from ``named_modules()`` paths.
 
         Items are paths (taken as Linear layers) or ``(path, class_name)`` pairs, e.g. from
-        :func:`blora_network.sdxl.module_names`. Class targets (``unet_target_module``) wrap
+        :func:`blora_network.sdxl_unet.module_names`. Class targets (``unet_target_module``) wrap
         every Linear (and, with ``enable_conv``, Conv) below a module of that class.
         """
         items = [(m, "Linear") if isinstance(m, str) else (m[0], m[1]) for m in modules]
@@ -138,21 +149,28 @@ def _roles_of(preset: Preset) -> tuple[str, ...]:
     return tuple(roles)
 
 
-def _builtin_dir():
-    """The presets folder: inside the installed wheel, or ``presets/`` of a source checkout."""
-    try:
-        d = resources.files("blora_network.builtin_presets")
-        if any(str(p.name).endswith(".toml") for p in d.iterdir()):
-            return d
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "presets"
-
-
-@lru_cache(maxsize=None)
 def builtin_names() -> tuple[str, ...]:
     """Names of the built-in presets, e.g. ``("content", "content_style", ...)``."""
-    return tuple(sorted(p.name[: -len(".toml")] for p in _builtin_dir().iterdir() if p.name.endswith(".toml")))
+    return tuple(sorted(BUILTIN_ROLES))
+
+
+def builtin_preset_text(name: str) -> str:
+    """The TOML text of a built-in preset, as its file in ``builtin_presets/`` holds it."""
+    blocks = [lookup_block(r) for r in BUILTIN_ROLES[name]]
+    what = ", ".join(f"{b.role} ({b.ldm})" for b in blocks)
+    default = "; the default" if name == DEFAULT_PRESET else ""
+    patterns = "".join(f"    '{block_pattern(b)}',\n" for b in blocks)
+    return (
+        f"# B-LoRA preset \"{name}\": {what}{default}\n"
+        "# LyCORIS preset format. Each pattern is re.match-ed against sd-scripts' SDXL UNet module\n"
+        "# paths; the negative lookahead keeps ff.net and proj_in/proj_out out, so only the\n"
+        "# attention projections (attn1/attn2 to_q, to_k, to_v, to_out.0) are trained: 80 per block.\n"
+        "enable_conv = false\n"
+        "unet_target_module = []\n"
+        f"unet_target_name = [\n{patterns}]\n"
+        "text_encoder_target_module = []\n"
+        "text_encoder_target_name = []\n"
+    )
 
 
 def _toml_error(path: str, text: str, err: Exception) -> PresetError:
@@ -283,7 +301,7 @@ def _read_text(path: Path, shown: str) -> str:
 
 @lru_cache(maxsize=64)
 def _load_builtin(name: str) -> Preset:
-    path = _builtin_dir() / f"{name}.toml"
+    path = _BUILTIN_DIR / f"{name}.toml"
     text = path.read_text(encoding="utf-8")
     return preset_from_dict(toml.loads(text), name=name, source="built-in")
 

@@ -1,9 +1,16 @@
-"""safetensors in and out, safely: clear errors on bad files, atomic writes, kohya's hashes.
+"""Every read and write of a weights file: clear errors on bad files, atomic writes, kohya's hashes.
 
 Why this exists: a B-LoRA run costs hours, and the tools rewrite files users care about.
-So a file is read only as safetensors (a pickle is never unpickled), every reading problem
-becomes one :class:`LoraFileError` naming the file, and every write goes to a temporary file
-in the target folder that is renamed over the target only once it is complete.
+So every reading problem becomes one :class:`LoraFileError` naming the file, and every write
+goes to a temporary file in the target folder that is renamed over the target only once it
+is complete.
+
+The pickle policy, in one place: the file tools read ``.safetensors`` only (they need its
+header, its metadata and its lazy reads), and refuse a pickle by its suffix. Training reads
+(``--network_weights``, ``--base_weights``, ``--dim_from_weights``: :func:`load_weights_file`)
+also accept sd-scripts' ``.pt``/``.ckpt`` saves, through ``torch.load(weights_only=True)``,
+whose unpickler builds only tensors and plain containers and runs no code from the file.
+No pickle is ever given to the full unpickler.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
+from .algos import all_finite
 from .errors import LoraFileError
+from .metadata import HASH_KEYS
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -30,12 +39,12 @@ __all__ = [
     "open_safetensors",
     "read_metadata",
     "load_tensors",
-    "write_safetensors",
+    "load_weights_file",
     "check_output_path",
     "atomic_target",
-    "read_header",
     "read_header_layout",
     "write_safetensors_hashed",
+    "save_pickle",
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
@@ -48,10 +57,9 @@ _LEGACY_START, _LEGACY_END = 0x100000, 0x110000
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraFileError(
-            f"{path}: {path.suffix} files are Python pickles and can run arbitrary code when loaded; "
-            "blora_network only reads .safetensors. Convert it once in a trusted environment "
-            "(torch.load(..., weights_only=True) then safetensors.torch.save_file) and use the "
-            ".safetensors file."
+            f"{path}: {path.suffix} files are Python pickles; the blora-network tools read .safetensors "
+            "only. Convert it once (torch.load(..., weights_only=True) then safetensors.torch.save_file) "
+            "and use the .safetensors file."
         )
 
 
@@ -212,36 +220,10 @@ def atomic_target(p: Path) -> Iterator[str]:
         raise
 
 
-def write_safetensors(
-    path: str | os.PathLike,
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Optional[Mapping[str, str]] = None,
-    *,
-    overwrite: bool = True,
-    inputs: tuple = (),
-) -> Path:
-    """Write ``tensors`` atomically: a temporary file beside the target, fsync, rename.
-
-    A crash or an error at any point leaves the target absent or as it was before.
-    """
-    p = check_output_path(path, overwrite=overwrite, inputs=inputs)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_target(p) as tmp:
-        st_save_file(contiguous, tmp, metadata=meta or None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    return p
-
-
-def read_header(path: str | os.PathLike) -> dict:
-    """The parsed JSON header (names, dtypes, shapes, offsets, ``__metadata__``), no tensor read."""
-    return read_header_layout(path)[0]
-
-
 def read_header_layout(path: str | os.PathLike) -> tuple[dict, int, int]:
-    """:func:`read_header`, plus the file offset where tensor data starts and the file size
-    (``data_offsets`` in the header count from that offset), from the same single read."""
+    """The parsed JSON header (names, dtypes, shapes, offsets, ``__metadata__``), the file offset
+    where tensor data starts (``data_offsets`` count from there) and the file size, from one
+    read of the header and no read of tensor data."""
     p = Path(path)
     _refuse_pickle(p)
     return _check_header(p)
@@ -253,11 +235,6 @@ def _header_only(f) -> None:
     if hasattr(os, "posix_fadvise"):
         with contextlib.suppress(OSError):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-
-
-
-
-_HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 
 
 def _compact_json(obj) -> bytes:
@@ -275,7 +252,10 @@ def write_safetensors_hashed(
     on_bytes=None,
     durable: bool = True,
 ) -> tuple[Path, str, str]:
-    """:func:`write_safetensors` plus fresh ``sshs_model_hash``/``sshs_legacy_hash`` in the metadata.
+    """Write ``tensors`` atomically with fresh ``sshs_model_hash``/``sshs_legacy_hash`` in the metadata.
+
+    A temporary file beside the target, fsync, rename: a crash or an error at any point
+    leaves the target absent or as it was before.
 
     The same values as :func:`model_hashes`, without a second in-memory serialization: the
     tensors are hashed in the order safetensors lays them out, in a thread, while the file
@@ -291,70 +271,104 @@ def write_safetensors_hashed(
     nothing is lost) and keep the fsync when replacing a file.
     Returns ``(path, sshs_model_hash, sshs_legacy_hash)``.
     """
-    import threading
-
     p = check_output_path(path, overwrite=overwrite, inputs=inputs)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k not in _HASH_KEYS}
+    meta = {str(k): str(v) for k, v in (metadata or {}).items() if k not in HASH_KEYS}
     meta["sshs_model_hash"] = "0" * 64
     meta["sshs_legacy_hash"] = "0" * 8
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     order = _data_order(contiguous)
-    hashed: dict = {}
-
-    def hash_in_order() -> None:
-        try:
-            h = hashlib.sha256()
-            for k in order:
-                t = contiguous[k]
-                if t.numel():
-                    h.update(t.reshape(-1).view(torch.uint8).numpy())
-                    if on_bytes is not None:
-                        on_bytes(t.numel() * t.element_size())
-            hashed["model"] = h.hexdigest()
-        except BaseException as e:  # surfaced in the caller's thread
-            hashed["error"] = e
-
-    worker = threading.Thread(target=hash_in_order, name="sshs-hash", daemon=True)
+    hasher = _HashInOrder(contiguous, order, on_bytes)
     with atomic_target(p) as tmp:
-        worker.start()
+        hasher.start()
         try:
             st_save_file(contiguous, tmp, metadata=meta)
             with open(tmp, "rb+") as f:
                 if durable:
                     os.fsync(f.fileno())  # the data goes to disk while the hash thread finishes
-                worker.join()
-                if "error" in hashed:
-                    raise hashed["error"]
+                streamed = hasher.result()
                 n = int.from_bytes(f.read(8), "little")
                 raw = f.read(n)
-                header = json.loads(raw)
-                model_hash = hashed["model"] if _layout_is(header, order) else None
-                legacy_hash = None
-                if header.get("__metadata__") == meta and len(_compact_json(header)) == len(raw.rstrip(b" ")):
-                    # sd-scripts hashes the file as saved with only the ss_* metadata: its data
-                    # section is ours byte for byte; its header differs only in __metadata__.
-                    ss_header = dict(header)
-                    ss_header["__metadata__"] = {k: v for k, v in meta.items() if k.startswith("ss_")}
-                    n_ss = len(_compact_json(ss_header))
-                    n_ss += (8 - n_ss % 8) % 8
-                    if model_hash is None:
-                        model_hash = _hash_file_data(f, 8 + n)
-                    legacy_hash = _legacy_window_hash(f, 8 + n, 8 + n_ss)
+                model_hash, legacy_hash = _file_hashes(f, raw, meta, order, streamed)
                 if legacy_hash is None:  # a header layout we did not expect, or one over 1 MiB
                     model_hash, legacy_hash = model_hashes(contiguous, meta)
-                for key, value in (("sshs_model_hash", model_hash), ("sshs_legacy_hash", legacy_hash)):
-                    needle = _compact_json(key) + b":" + _compact_json(meta[key])
-                    at = raw.find(needle)
-                    if at < 0 or raw.find(needle, at + 1) >= 0:
-                        raise RuntimeError(f"cannot place {key} in the header")
-                    f.seek(8 + at + len(needle) - len(value) - 1)
-                    f.write(value.encode("ascii"))
+                _patch_placeholders(f, raw, meta, {"sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash})
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())
         finally:
-            worker.join()  # never leave the thread reading tensors of a failed write
+            hasher.join()  # never leave the thread reading tensors of a failed write
     return p, model_hash, legacy_hash
+
+
+class _HashInOrder:
+    """SHA-256 of the tensors in the order safetensors lays them out, in a thread (hashlib
+    releases the GIL), so the hash costs no time beside the write."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], order: list[str], on_bytes=None):
+        import threading
+
+        self._tensors, self._order, self._on_bytes = tensors, order, on_bytes
+        self._out: dict = {}
+        self._thread = threading.Thread(target=self._run, name="sshs-hash", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            h = hashlib.sha256()
+            for k in self._order:
+                t = self._tensors[k]
+                if t.numel():
+                    h.update(t.reshape(-1).view(torch.uint8).numpy())
+                    if self._on_bytes is not None:
+                        self._on_bytes(t.numel() * t.element_size())
+            self._out["model"] = h.hexdigest()
+        except BaseException as e:  # surfaced in the caller's thread
+            self._out["error"] = e
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self) -> None:
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def result(self) -> str:
+        self.join()
+        if "error" in self._out:
+            raise self._out["error"]
+        return self._out["model"]
+
+
+def _file_hashes(f, raw: bytes, meta: Mapping[str, str], order: list[str], streamed: str) -> tuple[Optional[str], Optional[str]]:
+    """``(model hash, legacy hash)`` of the file just written, as sd-scripts would compute them.
+
+    sd-scripts hashes the file as saved with only the ss_* metadata: its data section is ours
+    byte for byte; its header differs only in ``__metadata__``. ``(None, None)`` when the
+    written header is not the layout we expect (the caller then serializes once more).
+    """
+    header = json.loads(raw)
+    model_hash = streamed if _layout_is(header, order) else None
+    if header.get("__metadata__") != meta or len(_compact_json(header)) != len(raw.rstrip(b" ")):
+        return None, None
+    ss_header = dict(header)
+    ss_header["__metadata__"] = {k: v for k, v in meta.items() if k.startswith("ss_")}
+    n_ss = len(_compact_json(ss_header))
+    n_ss += (8 - n_ss % 8) % 8
+    data_start = 8 + len(raw)
+    if model_hash is None:
+        model_hash = _hash_file_data(f, data_start)
+    legacy_hash = _legacy_window_hash(f, data_start, 8 + n_ss)
+    return (model_hash, legacy_hash) if legacy_hash is not None else (None, None)
+
+
+def _patch_placeholders(f, raw: bytes, meta: Mapping[str, str], values: Mapping[str, str]) -> None:
+    """Overwrite each fixed-width placeholder in the written header with its value, in place."""
+    for key, value in values.items():
+        needle = _compact_json(key) + b":" + _compact_json(meta[key])
+        at = raw.find(needle)
+        if at < 0 or raw.find(needle, at + 1) >= 0:
+            raise RuntimeError(f"cannot place {key} in the header")
+        f.seek(8 + at + len(needle) - len(value) - 1)
+        f.write(value.encode("ascii"))
 
 
 def _data_order(tensors: Mapping[str, torch.Tensor]) -> list[str]:
@@ -414,3 +428,41 @@ def _final_mode(p: Path) -> int:
         return 0o666 & ~mask
 
 
+
+
+def save_pickle(path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """``torch.save`` a training state dict atomically (sd-scripts' ``--save_model_as pt/ckpt``)."""
+    with atomic_target(check_output_path(path, overwrite=True, suffix=Path(path).suffix)) as tmp:
+        torch.save(dict(tensors), tmp)
+
+
+def load_weights_file(file) -> dict[str, torch.Tensor]:
+    """A training weights file's tensors: safetensors, or a pickle loaded with ``weights_only=True``.
+
+    Refuses a file with no tensors, a pickle that is not a plain ``{name: tensor}`` dict, and a
+    tensor holding NaN or Inf (a diverged save, which would make every image black).
+    """
+    path = Path(file)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not path.is_file():
+            raise LoraFileError(f"{path}: no such file")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors are many kinds; all mean the same to the user
+            raise LoraFileError(
+                f"{path}: refused to load this pickle file safely ({type(e).__name__}); only plain tensors "
+                "are accepted from .pt/.ckpt files. Prefer .safetensors"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+            raise LoraFileError(f"{path}: not a LoRA state dict (expected a dict of tensors)")
+        weights = state
+    else:
+        weights = load_tensors(path)
+    if not weights:
+        raise LoraFileError(f"{path}: the file holds no tensors")
+    for key, tensor in weights.items():
+        if not all_finite(tensor):
+            raise LoraFileError(
+                f"{path}: tensor {key} holds NaN or Inf; the training that wrote it diverged. Use an earlier save"
+            )
+    return weights

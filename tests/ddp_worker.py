@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 import blora_network  # noqa: E402
 from blora_network.demo import teacher_target  # noqa: E402
-from blora_network.sdxl import TINY, build_unet, random_inputs  # noqa: E402
+from blora_network.sdxl_unet import TINY, build_unet, random_inputs  # noqa: E402
 
 PRESET = "content_style"
 DIM = 4

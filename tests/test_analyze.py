@@ -115,14 +115,14 @@ ROLES = ("content", "style", "layout")
 
 def tiny_attention(roles):
     """The B-LoRA attention layers at the tiny test size (dense dW stays cheap)."""
-    from blora_network.sdxl import TINY
+    from blora_network.sdxl_unet import TINY
 
     return layers_of(TINY, roles=roles, attention_only=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_layers():
-    from blora_network.sdxl import TINY
+    from blora_network.sdxl_unet import TINY
 
     return layers_of(TINY)
 

@@ -22,8 +22,8 @@ import blora_network
 from blora_network.cli import main as cli_main
 from blora_network.errors import LoraFileError, NetworkArgsError, PresetError
 from blora_network.presets import builtin_names, load_preset
-from blora_network.safefile import MAX_METADATA_BYTES, load_tensors, read_metadata, write_safetensors
-from blora_network.sdxl import TINY, build_unet
+from blora_network.safefile import MAX_METADATA_BYTES, load_tensors, read_metadata, write_safetensors_hashed
+from blora_network.sdxl_unet import TINY, build_unet
 from lora_factories import write_sd1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -323,7 +323,7 @@ def test_pickle_weights_never_run_code(tmp_path, suffix):
         blora_network.create_network_from_weights(1, str(path), None, None, build_unet(TINY))
     with pytest.raises(LoraFileError, match="refused to load this pickle file safely"):
         applied().load_weights(str(path))
-    with pytest.raises(LoraFileError, match="pickles and can run arbitrary code"):
+    with pytest.raises(LoraFileError, match="are Python pickles; the blora-network tools read .safetensors only"):
         read_metadata(path)  # the file readers refuse pickles outright
     assert cli("inspect", path) == 1
     assert not marker.exists()
@@ -348,7 +348,7 @@ def test_metadata_is_returned_as_text_never_evaluated(tmp_path, capsys):
         "modelspec.title": "\x1b[2J\x1b[31mred\x00nul",
     }
     path = tmp_path / "meta.safetensors"
-    write_safetensors(path, {"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, payloads)
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(path), metadata=payloads)
     assert read_metadata(path) == payloads  # exactly the strings, nothing interpreted
     cli("inspect", path, "--json")
     capsys.readouterr()
@@ -358,7 +358,7 @@ def test_metadata_is_returned_as_text_never_evaluated(tmp_path, capsys):
 def test_inspect_does_not_pass_terminal_control_characters_through(tmp_path, capsys):
     path = tmp_path / "escape.safetensors"
     name = "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q"
-    write_safetensors(path, {f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)},
+    write_safetensors_hashed(path, {f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)},
                       {"ss_network_module": "\x1b[2J\x1b[31mred\x07", "blora_preset": "x\x1b]0;new title\x07"})
     assert cli("inspect", path) == 0
     out = capsys.readouterr().out

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import blora_network
-from blora_network.blocks import role_of_kohya_key
+from blora_network.blocks import role_of_kohya_name
 from blora_network.safefile import load_tensors, read_metadata
-from blora_network.sdxl import TINY, build_unet
+from blora_network.sdxl_unet import TINY, build_unet
 
 
 def make(unet, dim=8, **kwargs):
@@ -27,7 +27,7 @@ def test_per_block_dims_and_alphas(unet, tmp_path):
     path = tmp_path / "dims.safetensors"
     network.save_weights(str(path), None, {})
     tensors = load_tensors(path)
-    ranks = {role_of_kohya_key(k): v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight")}
+    ranks = {role_of_kohya_name(k): v.shape[0] for k, v in tensors.items() if k.endswith("lora_down.weight")}
     assert ranks == {"content": 4, "style": 16, "layout": 8}
     meta = read_metadata(path)
     assert json.loads(meta["blora_block_dims"]) == {"content": 4, "style": 16, "layout": 8}
@@ -48,7 +48,7 @@ def test_zero_dim_or_lr_turns_a_block_off(unet, tmp_path, batch):
     assert set(network.block_summary()) == {"content"}
     network.apply_to(None, unet, False, True)
     network.save_weights(str(tmp_path / "c.safetensors"), None, {})
-    roles = {role_of_kohya_key(k) for k in load_tensors(tmp_path / "c.safetensors")}
+    roles = {role_of_kohya_name(k) for k in load_tensors(tmp_path / "c.safetensors")}
     assert roles == {"content"}
 
 
@@ -68,7 +68,7 @@ def test_lr_zero_block_unchanged_after_two_steps(batch):
         opt.step()
         opt.zero_grad()
     after = network.state_dict()
-    changed = {role_of_kohya_key(k) for k in before if not torch.equal(before[k], after[k])}
+    changed = {role_of_kohya_name(k) for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"content"}
 
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import blora_network
-from blora_network.blocks import role_of_kohya_key
+from blora_network.blocks import role_of_kohya_name
 from blora_network.demo import teacher_target
 from blora_network.safefile import read_metadata
-from blora_network.sdxl import TINY, build_unet
+from blora_network.sdxl_unet import TINY, build_unet
 
 PRESETS = {
     "content": {"content": 80},
@@ -74,7 +74,7 @@ def test_full_training_sequence(preset, tmp_path, batch):
     # the frozen UNet is bit-identical; every adapter of the preset's blocks moved
     after = unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    moved = {role_of_kohya_key(k) for k, v in network.state_dict().items() if k.endswith("lora_up.weight") and not torch.equal(v, initial[k])}
+    moved = {role_of_kohya_name(k) for k, v in network.state_dict().items() if k.endswith("lora_up.weight") and not torch.equal(v, initial[k])}
     assert moved == set(PRESETS[preset])
 
     # save: an ordinary kohya LoRA file, sd-scripts' metadata kept, effective alpha recorded

@@ -10,7 +10,7 @@ import torch
 
 import blora_network
 from blora_network.demo import teacher_target
-from blora_network.sdxl import TINY, build_unet, random_inputs
+from blora_network.sdxl_unet import TINY, build_unet, random_inputs
 
 pytestmark = [
     pytest.mark.cuda,

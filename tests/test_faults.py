@@ -25,8 +25,8 @@ import blora_network.safefile as safefile
 import lycoris.kohya as lycoris_kohya
 from blora_network.cli import main as cli_main
 from blora_network.demo import teacher_target
-from blora_network.safefile import load_tensors, open_safetensors, read_metadata, write_safetensors, write_safetensors_hashed
-from blora_network.sdxl import TINY, build_unet
+from blora_network.safefile import load_tensors, open_safetensors, read_metadata, write_safetensors_hashed
+from blora_network.sdxl_unet import TINY, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,8 +62,9 @@ def _half_then_fail(real_save):
 
 
 WRITERS = {
-    "write_safetensors": lambda path, tensors: write_safetensors(path, tensors, {"ss_network_module": "blora_network"}),
-    "write_safetensors_hashed": lambda path, tensors: write_safetensors_hashed(path, tensors, {"ss_network_module": "blora_network"}),
+    "durable": lambda path, tensors: write_safetensors_hashed(path, tensors, {"ss_network_module": "blora_network"}),
+    "not durable": lambda path, tensors: write_safetensors_hashed(path, tensors, {"ss_network_module": "blora_network"},
+                                                                  durable=False),
 }
 
 
@@ -162,8 +163,8 @@ def test_tool_killed_mid_write_leaves_target_intact(tmp_path):
         tensors[f"{name}.lora_down.weight"] = torch.randn(512, 1024, generator=g)
         tensors[f"{name}.lora_up.weight"] = torch.randn(1024, 512, generator=g)
         tensors[f"{name}.alpha"] = torch.tensor(512.0)
-    write_safetensors(src, tensors)
-    write_safetensors(out, _tensors(seed=5))  # the user's previous output
+    write_safetensors_hashed(src, tensors)
+    write_safetensors_hashed(out, _tensors(seed=5))  # the user's previous output
     old = out.read_bytes()
     script = tmp_path / "writer.py"
     script.write_text(KILLED_WRITER)

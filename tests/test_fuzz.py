@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 from blora_network.cli import main as cli_main
 from blora_network.errors import LoraFileError, PresetError
-from blora_network.network import read_weights
+from blora_network.safefile import load_weights_file as read_weights
 from blora_network.presets import BLOCK_SETTING_KEYS, Preset, load_preset
-from blora_network.safefile import load_tensors, open_safetensors, read_header, read_metadata, write_safetensors
+from blora_network.safefile import load_tensors, open_safetensors, read_header_layout, read_metadata, write_safetensors_hashed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch.load on random bytes
 
@@ -126,7 +126,7 @@ def test_random_preset_names(name):
 
 READERS = {
     "read_metadata": read_metadata,
-    "read_header": read_header,
+    "read_header_layout": read_header_layout,
     "load_tensors": load_tensors,
     "read_weights": read_weights,
 }
@@ -159,7 +159,7 @@ def real_file(workdir) -> bytes:
         tensors[f"{name}.lora_up.weight"] = torch.randn(8, 2, generator=g).half()
         tensors[f"{name}.alpha"] = torch.tensor(2.0)
     path = workdir / "real.safetensors"
-    write_safetensors(path, tensors, {"ss_network_module": "blora_network", "ss_network_dim": "2"})
+    write_safetensors_hashed(path, tensors, {"ss_network_module": "blora_network", "ss_network_dim": "2"})
     return path.read_bytes()
 
 

@@ -1,4 +1,4 @@
-"""lorafile: grouping keys into layers under every spelling, the change each algorithm makes,
+"""lorafile, algos, sdxl_names: grouping keys into layers under every spelling, the change each algorithm makes,
 linear scaling, and recognising the model a LoRA was made for."""
 
 from __future__ import annotations
@@ -9,15 +9,9 @@ from safetensors.torch import save_file
 
 from blora_network.blocks import BLOCKS, attention_layer_names
 from blora_network.errors import LoraFileError
-from blora_network.lorafile import (
-    delta_norm_sq,
-    delta_weight,
-    diffusers_path_of_kohya_name,
-    guess_model,
-    kohya_name_of_diffusers_path,
-    open_lora,
-    scale_module_tensors,
-)
+from blora_network.algos import delta_norm_sq, delta_weight, scale_tensors
+from blora_network.lorafile import guess_model, open_lora
+from blora_network.sdxl_names import diffusers_path_of_kohya_name, kohya_name_of_diffusers_path
 from lora_factories import (
     Layer,
     full_attention_layers,
@@ -58,14 +52,14 @@ def test_every_spelling_gives_the_same_layers_and_blocks(tmp_path, spelling):
         prefix = {"peft": "unet.", "peft-bare": "", "peft-base_model": "base_model.model."}[spelling]
         write_diffusers(path, layers, 2, peft=True, prefix=prefix)
     lora = open_lora(path)
-    assert set(lora.modules) == {kohya_name(x.name) for x in layers}
+    assert set(lora.layers) == {kohya_name(x.name) for x in layers}
     assert lora.roles() == ["content", "style", "layout"]
     for role in ("content", "style", "layout"):
-        mods = lora.role_modules(role)
+        mods = lora.role_layers(role)
         assert len(mods) == 80 and all(m.is_attention and m.algo == "lora" and m.rank == 2 for m in mods)
     assert lora.spellings == ({"kohya-diffusers": ("kohya-diffusers",), "kohya": ("kohya",)}.get(spelling)
                               or (("peft",) if spelling.startswith("peft") else ("diffusers",)))
-    k = lora.modules[kohya_name("input_blocks.8.1.transformer_blocks.3.attn2.to_v")]
+    k = lora.layers[kohya_name("input_blocks.8.1.transformer_blocks.3.attn2.to_v")]
     assert (k.in_features, k.out_features) == (2048, 1280) and k.role == "layout"
 
 
@@ -92,7 +86,7 @@ def test_diffusers_and_ldm_names_round_trip():
 def test_header_only_open_reports_shapes_without_reading(tmp_path):
     path = write_kohya(tmp_path / "a.safetensors", full_attention_layers(["style"]), 8, alpha=1, dtype=torch.float16)
     lora = open_lora(path)
-    m = lora.modules[kohya_name("output_blocks.1.1.transformer_blocks.0.attn1.to_q")]
+    m = lora.layers[kohya_name("output_blocks.1.1.transformer_blocks.0.attn1.to_q")]
     assert m.shapes["lora_down.weight"] == (8, 1280) and m.dtypes["lora_up.weight"] == "F16"
     assert m.nbytes == (8 * 1280 + 1280 * 8 + 1) * 2
     assert lora.size == path.stat().st_size and lora.dtypes == {"F16": 240}
@@ -205,11 +199,11 @@ def test_scaling_multiplies_the_change_by_w_not_w_squared(tmp_path, algo, kw, w)
     m = lycoris_module(algo, SMALL, 2, 3.0, **kw)
     path = write_lycoris(tmp_path / "l.safetensors", [m])
     lora = open_lora(path)
-    (module,) = lora.modules.values()
+    (module,) = lora.layers.values()
     assert module.algo == algo
     with lora.reader() as r:
         before = r.tensors(module)
-        after = scale_module_tensors(module, before, w)
+        after = scale_tensors(module.algo, before, w, name=module.name)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) == 1  # exactly one factor moves; alpha never does
     assert torch.equal(before["alpha"], after["alpha"])
@@ -228,24 +222,20 @@ def test_scaling_multiplies_the_change_by_w_not_w_squared(tmp_path, algo, kw, w)
 def test_dora_refuses_scaling_but_passes_weight_one(tmp_path):
     m = lycoris_module("lora", SMALL, 2, 2.0, weight_decompose=True)
     lora = open_lora(write_lycoris(tmp_path / "d.safetensors", [m]))
-    (module,) = lora.modules.values()
+    (module,) = lora.layers.values()
     assert module.dora and module.kind == "lora+dora"
     with lora.reader() as r:
         t = r.tensors(module)
-        assert scale_module_tensors(module, t, 1.0) == t
+        assert scale_tensors(module.algo, t, 1.0, name=module.name) == t
         with pytest.raises(LoraFileError, match="DoRA.*cannot be scaled linearly"):
-            scale_module_tensors(module, t, 0.5)
+            scale_tensors(module.algo, t, 0.5, name=module.name)
 
 
 def test_scaling_keeps_dtype_and_is_linear_in_bf16():
     g = torch.Generator().manual_seed(1)
     t = {"lora_down.weight": torch.randn(4, 16, generator=g).bfloat16(),
          "lora_up.weight": torch.randn(16, 4, generator=g).bfloat16(), "alpha": torch.tensor(4.0).bfloat16()}
-    from blora_network.lorafile import LoraModule
-
-    mod = LoraModule("lora_unet_x", "lora_unet_x", {k: k for k in t}, {k: tuple(v.shape) for k, v in t.items()},
-                     {k: "BF16" for k in t}, "lora", False, 4, 16, 16, "x", None, None)
-    out = scale_module_tensors(mod, t, 0.3)
+    out = scale_tensors("lora", t, 0.3)
     assert out["lora_up.weight"].dtype == torch.bfloat16
     assert torch.allclose(delta_weight("lora", out), 0.3 * delta_weight("lora", t), rtol=1e-2, atol=1e-2)
 

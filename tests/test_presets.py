@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import toml
 
-from blora_network.blocks import is_attention_layer
+from blora_network.blocks import block_pattern, lookup_block
 from blora_network.errors import PresetError
-from blora_network.presets import builtin_names, load_preset
-from blora_network.sdxl import FULL, module_names
+from blora_network.presets import BUILTIN_ROLES, builtin_names, builtin_preset_text, load_preset
+from blora_network.sdxl_names import is_attention_layer
+from blora_network.sdxl_unet import FULL, module_names
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {
@@ -26,14 +27,27 @@ EXPECTED = {
 }
 
 
-def test_builtin_names_are_the_five_toml_files():
+BUILTIN_DIR = ROOT / "blora_network" / "builtin_presets"
+
+
+def test_builtin_names_are_the_five_toml_files_beside_the_loader():
     assert set(builtin_names()) == set(EXPECTED)
-    assert {p.stem for p in (ROOT / "presets").glob("*.toml")} == set(EXPECTED)
+    assert {p.stem for p in BUILTIN_DIR.glob("*.toml")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_builtin_files_are_written_from_block_pattern(name):
+    """One regex source: each built-in file is exactly what builtin_preset_text makes from
+    blocks.block_pattern, so a change to the rule cannot leave a file behind."""
+    text = (BUILTIN_DIR / f"{name}.toml").read_text()
+    assert text == builtin_preset_text(name)
+    patterns = toml.loads(text)["unet_target_name"]
+    assert patterns == [block_pattern(lookup_block(r)) for r in BUILTIN_ROLES[name]]
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_builtin_toml_is_attention_only_lycoris_format(name):
-    raw = toml.load(ROOT / "presets" / f"{name}.toml")
+    raw = toml.load(BUILTIN_DIR / f"{name}.toml")
     assert raw["enable_conv"] is False
     assert raw["unet_target_module"] == []
     assert raw["text_encoder_target_module"] == [] and raw["text_encoder_target_name"] == []

@@ -15,9 +15,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blora_network import tools
+from blora_network import inspection, transforms
 from blora_network.errors import LoraFileError
-from blora_network.safefile import model_hashes, read_header, write_safetensors_hashed
+from blora_network.safefile import model_hashes, read_header_layout, write_safetensors_hashed
 from lora_factories import (
     Layer,
     blora_metadata_like_training,
@@ -154,16 +154,16 @@ def test_tools_fsync_only_when_replacing_a_file(tmp_path, monkeypatch, trained):
     real = safefile.os.fsync
     monkeypatch.setattr(safefile.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     out = tmp_path / "c.safetensors"
-    tools.extract(trained, ["content"], out)
+    transforms.extract(trained, ["content"], out)
     assert synced == []
-    tools.extract(trained, ["content"], out, force=True)
+    transforms.extract(trained, ["content"], out, force=True)
     assert len(synced) == 2  # the data, then the patched header
 
 
 # -- inspect ----------------------------------------------------------------------------------
 
 def test_inspect_reports_blocks_ranks_norms_and_metadata(trained):
-    rep = tools.inspect(trained)
+    rep = inspection.inspect(trained)
     assert list(rep.blocks) == ["content", "style"]
     c = rep.blocks["content"]
     assert (c.modules, c.attention_modules, c.ranks, c.alphas, c.algos) == (80, 80, [4], [1.0], ["lora"])
@@ -188,7 +188,7 @@ def test_inspect_warns_about_nan_and_layers_outside_the_blocks(tmp_path):
     bad = kohya_name("output_blocks.1.1.transformer_blocks.2.attn2.to_v") + ".lora_up.weight"
     t[bad][0, 0] = float("inf")
     save_file(t, str(path))
-    rep = tools.inspect(path)
+    rep = inspection.inspect(path)
     assert rep.nonfinite_tensors == [bad]
     assert rep.blocks["style"].norm is not None  # the finite modules still count
     assert rep.blocks["other"].modules == 2
@@ -202,7 +202,7 @@ def test_inspect_loha_lokr_from_lycoris(tmp_path):
     layers = full_attention_layers(["content"])[:3]
     mods = [lycoris_module("loha", layers[0], 4, 2.0), lycoris_module("lokr", layers[1], 4, 2.0, factor=8),
             lycoris_module("lora", layers[2], 4, 2.0, weight_decompose=True)]
-    rep = tools.inspect(write_lycoris(tmp_path / "l.safetensors", mods))
+    rep = inspection.inspect(write_lycoris(tmp_path / "l.safetensors", mods))
     c = rep.blocks["content"]
     assert c.algos == ["loha", "lokr", "lora+dora"] and c.norm is None
     assert any("DoRA" in w for w in rep.warnings)
@@ -213,7 +213,7 @@ def test_inspect_loha_lokr_from_lycoris(tmp_path):
 def test_split_writes_one_exact_file_per_block(trained):
     before = digest(trained)
     src, src_meta = load(trained)
-    result = tools.split(trained)
+    result = transforms.split(trained)
     assert digest(trained) == before
     assert [Path(f.path).name for f in result.files] == ["dog_content.safetensors", "dog_style.safetensors"]
     for f, prefix in zip(result.files, ("lora_unet_output_blocks_0_1_", "lora_unet_output_blocks_1_1_")):
@@ -232,19 +232,19 @@ def test_split_writes_one_exact_file_per_block(trained):
 
 
 def test_split_refuses_to_overwrite_then_force_replaces(trained, tmp_path):
-    tools.split(trained, roles=["style"])
+    transforms.split(trained, roles=["style"])
     out = tmp_path / "dog_style.safetensors"
     out.write_bytes(b"precious")
     with pytest.raises(LoraFileError, match="already exists; pass --force"):
-        tools.split(trained)
+        transforms.split(trained)
     assert out.read_bytes() == b"precious" and not (tmp_path / "dog_content.safetensors").exists()
-    tools.split(trained, force=True)
+    transforms.split(trained, force=True)
     assert len(load(out)[0]) == 240
 
 
 def test_split_a_block_the_file_lacks(trained):
     with pytest.raises(LoraFileError, match=r"has no layout block \(input_blocks.8.1, IN08\).*it holds: content \(80"):
-        tools.split(trained, roles=["layout"])
+        transforms.split(trained, roles=["layout"])
 
 
 # -- combine ----------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_combine_takes_content_of_one_and_style_of_another_scaled_linearly(tmp_p
     other = write_diffusers(tmp_path / "ink.safetensors", CONTENT_STYLE, 8, seed=5, prefix="unet.unet.")
     before = (digest(trained), digest(other))
     out = tmp_path / "dog_ink.safetensors"
-    res = tools.combine([tools.BlockSource("style", str(other), -0.75), tools.BlockSource("content", str(trained), 0.5)], out)
+    res = transforms.combine([transforms.BlockSource("style", str(other), -0.75), transforms.BlockSource("content", str(trained), 0.5)], out)
     assert (digest(trained), digest(other)) == before
     got = kohya_dw(out)
     want_c = {k: v for k, v in expected_dw(CONTENT_STYLE, 4, seed=1, alpha=1.0, weight=0.5).items() if "output_blocks_0_1" in k}
@@ -281,8 +281,8 @@ def test_combine_takes_content_of_one_and_style_of_another_scaled_linearly(tmp_p
 def test_combine_weight_zero_leaves_the_block_out_and_layout_joins(tmp_path, trained):
     lay = write_kohya(tmp_path / "lay.safetensors", full_attention_layers(["layout"]), 2, seed=9)
     out = tmp_path / "o.safetensors"
-    res = tools.combine([tools.BlockSource("content", str(trained)), tools.BlockSource("style", str(trained), 0.0),
-                         tools.BlockSource("layout", str(lay), 2.0)], out)
+    res = transforms.combine([transforms.BlockSource("content", str(trained)), transforms.BlockSource("style", str(trained), 0.0),
+                         transforms.BlockSource("layout", str(lay), 2.0)], out)
     assert res.blocks == ["content", "layout"] and any("weight 0" in w for w in res.warnings)
     _, meta = load(out)
     assert json.loads(meta["blora_blocks"]) == {"content": "output_blocks.0.1", "layout": "input_blocks.8.1"}
@@ -294,9 +294,9 @@ def test_combine_weight_zero_leaves_the_block_out_and_layout_joins(tmp_path, tra
 def test_combine_refusals(tmp_path, trained):
     only_style = write_kohya(tmp_path / "s.safetensors", full_attention_layers(["style"]), 2)
     with pytest.raises(LoraFileError, match=r"s.safetensors: has no content block .*it holds: style \(80 modules\)"):
-        tools.combine([tools.BlockSource("content", str(only_style))], tmp_path / "o.safetensors")
+        transforms.combine([transforms.BlockSource("content", str(only_style))], tmp_path / "o.safetensors")
     with pytest.raises(LoraFileError, match="refusing to write over an input"):
-        tools.combine([tools.BlockSource("content", str(trained))], trained)
+        transforms.combine([transforms.BlockSource("content", str(trained))], trained)
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -305,7 +305,7 @@ def test_combine_refusals(tmp_path, trained):
 def test_scale_bakes_per_block_weights_exactly(tmp_path, trained):
     before = digest(trained)
     out = tmp_path / "scaled.safetensors"
-    res = tools.scale(trained, {"content": 1.0, "style": 0.6}, out)
+    res = transforms.scale(trained, {"content": 1.0, "style": 0.6}, out)
     assert digest(trained) == before
     want = expected_dw(CONTENT_STYLE, 4, seed=1, alpha=1.0)
     want = {k: v * (0.6 if "output_blocks_1_1" in k else 1.0) for k, v in want.items()}
@@ -318,7 +318,7 @@ def test_scale_bakes_per_block_weights_exactly(tmp_path, trained):
     assert res.weights == {"content": 1.0, "style": 0.6}
     # scaling again multiplies: the metadata says what is baked in relative to training
     again = tmp_path / "again.safetensors"
-    tools.scale(out, {"style": 0.5}, again)
+    transforms.scale(out, {"style": 0.5}, again)
     assert json.loads(load(again)[1]["blora_weights"]) == {"content": 1.0, "style": pytest.approx(0.3)}
     assert json.loads(load(again)[1]["blora_sources"])[0]["sources"][0]["file"] == "dog.safetensors"
 
@@ -328,7 +328,7 @@ def test_scale_zero_drops_the_block_and_keeps_other_layers(tmp_path):
              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(768, 2)}
     src = write_kohya(tmp_path / "x.safetensors", CONTENT_STYLE, 2, extra=extra)
     out = tmp_path / "o.safetensors"
-    tools.scale(src, {"style": 0, "content": 3}, out)
+    transforms.scale(src, {"style": 0, "content": 3}, out)
     t, meta = load(out)
     assert not any(k.startswith("lora_unet_output_blocks_1_1_") for k in t)
     assert torch.equal(t["lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"],
@@ -344,7 +344,7 @@ def test_scale_loha_and_lokr_from_lycoris_and_refuse_dora(tmp_path):
     mods = [lycoris_module(algo, layer, 4, 2.0, seed=i, **kw) for i, (algo, layer, kw, _) in enumerate(specs)]
     src = write_lycoris(tmp_path / "l.safetensors", mods)
     out = tmp_path / "o.safetensors"
-    tools.scale(src, {"content": -0.5}, out)  # style is DoRA and keeps weight 1: allowed
+    transforms.scale(src, {"content": -0.5}, out)  # style is DoRA and keeps weight 1: allowed
     t, _ = load(out)
     for (algo, layer, kw, w), m in zip(specs, mods):
         fresh = lycoris_module(algo, layer, 4, 2.0, seed=99, **kw)
@@ -359,14 +359,14 @@ def test_scale_loha_and_lokr_from_lycoris_and_refuse_dora(tmp_path):
             got, ref = fresh(x) - fresh.org_forward(x), m(x) - m.org_forward(x)
         assert torch.allclose(got, w * ref, atol=1e-5 * float(ref.abs().max())), algo
     with pytest.raises(LoraFileError, match="DoRA"):
-        tools.scale(src, {"style": 0.5}, tmp_path / "no.safetensors")
+        transforms.scale(src, {"style": 0.5}, tmp_path / "no.safetensors")
     assert not (tmp_path / "no.safetensors").exists()
 
 
 # -- extract ----------------------------------------------------------------------------------
 
 def test_extract_keeps_exactly_the_80_attention_layers_per_block_of_a_full_unet_lora(tmp_path):
-    from blora_network.sdxl import FULL
+    from blora_network.sdxl_unet import FULL
 
     from lora_factories import layers_of
 
@@ -374,7 +374,7 @@ def test_extract_keeps_exactly_the_80_attention_layers_per_block_of_a_full_unet_
     src = write_kohya(tmp_path / "whole.safetensors", layers, 1, alpha=1.0, dtype=torch.float16,
                       metadata={"ss_network_module": "networks.lora", "ss_network_dim": "1"})
     out = tmp_path / "b.safetensors"
-    res = tools.extract(src, ["content", "style", "layout"], out)
+    res = transforms.extract(src, ["content", "style", "layout"], out)
     t, meta = load(out)
     modules = {k.split(".")[0] for k in t}
     want = {kohya_name(x.name) for x in full_attention_layers(["content", "style", "layout"])}
@@ -389,7 +389,7 @@ def test_extract_keeps_exactly_the_80_attention_layers_per_block_of_a_full_unet_
 
 
 def test_extract_from_diffusers_named_kohya_and_refuse_missing_block(tmp_path):
-    from blora_network.sdxl import TINY
+    from blora_network.sdxl_unet import TINY
 
     from lora_factories import layers_of
 
@@ -397,14 +397,14 @@ def test_extract_from_diffusers_named_kohya_and_refuse_missing_block(tmp_path):
     src = write_kohya(tmp_path / "w.safetensors", layers, 2, diffusers_blocks=True)
     assert any(k.startswith("lora_unet_up_blocks_0_attentions_0_") for k in load(src)[0])
     out = tmp_path / "c.safetensors"
-    tools.extract(src, ["OUT0"], out)
+    transforms.extract(src, ["OUT0"], out)
     want = {kohya_name(x.name) for x in layers_of(TINY, roles=["content"], attention_only=True)}
     assert set(kohya_dw(out)) == want
     assert_dw_equal(kohya_dw(out), {k: v for k, v in expected_dw(layers, 2).items() if k in want})
     no_style = write_kohya(tmp_path / "n.safetensors", [x for x in layers if not x.name.startswith("output_blocks.1.1.")
                                                         or "ff" in x.name], 2)
     with pytest.raises(LoraFileError, match=r"style block \(output_blocks.1.1\) has no attention layers"):
-        tools.extract(no_style, ["style"], tmp_path / "x.safetensors")
+        transforms.extract(no_style, ["style"], tmp_path / "x.safetensors")
 
 
 # -- convert ----------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ def test_extract_from_diffusers_named_kohya_and_refuse_missing_block(tmp_path):
 def test_convert_original_blora_output_to_kohya(tmp_path, peft, prefix):
     src = write_diffusers(tmp_path / "orig.safetensors", CONTENT_STYLE, 4, peft=peft, prefix=prefix, seed=3)
     out = tmp_path / "k.safetensors"
-    tools.convert(src, out)
+    transforms.convert(src, out)
     t, meta = load(out)
     assert all(k.startswith("lora_unet_output_blocks_") for k in t)
     assert {float(v) for k, v in t.items() if k.endswith(".alpha")} == {4.0}
@@ -426,37 +426,37 @@ def test_convert_original_blora_output_to_kohya(tmp_path, peft, prefix):
                                       ("peft", ("lora_A.weight", "lora_B.weight"))])
 def test_convert_kohya_to_diffusers_folds_alpha_and_round_trips(tmp_path, trained, to, names):
     out = tmp_path / "d.safetensors"
-    tools.convert(trained, out, to=to)
+    transforms.convert(trained, out, to=to)
     t, _ = load(out)
     assert not any(k.endswith("alpha") for k in t)
     k = "unet.up_blocks.0.attentions.1.transformer_blocks.7.attn2.to_k"
     assert t[f"{k}.{names[0]}"].shape == (4, 2048) and t[f"{k}.{names[1]}"].shape == (1280, 4)
     back = tmp_path / "k.safetensors"
-    tools.convert(out, back)
+    transforms.convert(out, back)
     assert_dw_equal(kohya_dw(back), expected_dw(CONTENT_STYLE, 4, seed=1, alpha=1.0))
 
 
 def test_convert_refusals(tmp_path, trained):
     with pytest.raises(LoraFileError, match="already uses kohya names"):
-        tools.convert(trained, tmp_path / "o.safetensors")
+        transforms.convert(trained, tmp_path / "o.safetensors")
     loha = write_lycoris(tmp_path / "l.safetensors", [lycoris_module("loha", CONTENT_STYLE[0], 2, 2.0)])
     with pytest.raises(LoraFileError, match="is loha; the diffusers/PEFT formats hold plain LoRA only"):
-        tools.convert(loha, tmp_path / "o.safetensors", to="diffusers")
+        transforms.convert(loha, tmp_path / "o.safetensors", to="diffusers")
 
 
 # -- what every tool refuses ------------------------------------------------------------------
 
 def test_sd1_and_no_blora_blocks_are_refused_with_what_the_file_holds(tmp_path):
     sd1 = write_sd1(tmp_path / "sd1.safetensors")
-    for call in (lambda: tools.inspect(sd1), lambda: tools.split(sd1),
-                 lambda: tools.extract(sd1, ["content"], tmp_path / "o.safetensors")):
+    for call in (lambda: inspection.inspect(sd1), lambda: transforms.split(sd1),
+                 lambda: transforms.extract(sd1, ["content"], tmp_path / "o.safetensors")):
         with pytest.raises(LoraFileError, match="SD1.x LoRA.*768-wide"):
             call()
     elsewhere = write_kohya(tmp_path / "mid.safetensors",
                             [Layer("middle_block.1.transformer_blocks.0.attn2.to_k", 2048, 1280),
                              Layer("input_blocks.4.1.transformer_blocks.1.attn1.to_q", 640, 640)], 2)
     with pytest.raises(LoraFileError, match=r"holds no B-LoRA block .*it holds: input_blocks.4.1 \(1\), middle_block.1 \(1\)"):
-        tools.split(elsewhere)
+        transforms.split(elsewhere)
 
 
 # -- lazy reading: only the kept tensors come off the disk ------------------------------------
@@ -499,7 +499,7 @@ def _bytes_in_cache(path, ranges, resident) -> int:
 
 
 def _data_ranges(path, select) -> list[tuple[int, int]]:
-    header = read_header(path)
+    header = read_header_layout(path)[0]
     start = 8 + int.from_bytes(Path(path).read_bytes()[:8], "little")
     return [(start + v["data_offsets"][0], start + v["data_offsets"][1]) for k, v in header.items()
             if k != "__metadata__" and select(k)]
@@ -527,10 +527,10 @@ def test_tools_read_only_the_tensors_they_keep(tmp_path, tool):
     if not _evict(src):
         pytest.skip("cannot evict the test file from the page cache here")
     if tool == "split":
-        tools.split(src, roles=["content"])
+        transforms.split(src, roles=["content"])
         kept_sel = lambda k: k.startswith("lora_unet_output_blocks_0_1_")  # noqa: E731
     else:
-        tools.extract(src, ["content"], tmp_path / "c.safetensors")
+        transforms.extract(src, ["content"], tmp_path / "c.safetensors")
         kept_sel = lambda k: k.startswith("lora_unet_output_blocks_0_1_") and "ff_net" not in k  # noqa: E731
     resident = _resident(src)
     kept = _data_ranges(src, kept_sel)
@@ -548,7 +548,7 @@ def test_tools_read_only_the_tensors_they_keep(tmp_path, tool):
 def test_written_files_load_in_lycoris_on_the_right_block(tmp_path):
     from lycoris.kohya import create_network_from_weights
 
-    from blora_network.sdxl import TINY, build_unet
+    from blora_network.sdxl_unet import TINY, build_unet
 
     from lora_factories import layers_of
 
@@ -557,7 +557,7 @@ def test_written_files_load_in_lycoris_on_the_right_block(tmp_path):
     b = write_diffusers(tmp_path / "b.safetensors", layers_of(TINY, roles=["style", "layout"], attention_only=True), 2,
                         seed=2, peft=True)
     out = tmp_path / "mix.safetensors"
-    tools.combine([tools.BlockSource("content", str(a), 0.7), tools.BlockSource("style", str(b), 1.3)], out)
+    transforms.combine([transforms.BlockSource("content", str(a), 0.7), transforms.BlockSource("style", str(b), 1.3)], out)
     unet = build_unet(TINY, seed=0)
     network, _ = create_network_from_weights(1.0, str(out), None, None, unet)
     names = {m.lora_name for m in network.unet_loras}
@@ -572,7 +572,7 @@ def test_written_files_load_in_lycoris_on_the_right_block(tmp_path):
 def test_lycoris_loads_scaled_loha_and_lokr_files_with_the_scaled_change(tmp_path):
     from lycoris.kohya import create_network_from_weights
 
-    from blora_network.sdxl import TINY, build_unet
+    from blora_network.sdxl_unet import TINY, build_unet
 
     from lora_factories import layers_of
 
@@ -584,7 +584,7 @@ def test_lycoris_loads_scaled_loha_and_lokr_files_with_the_scaled_change(tmp_pat
         mods[m.lora_name] = m
     src = write_lycoris(tmp_path / "ly.safetensors", list(mods.values()))
     out = tmp_path / "scaled.safetensors"
-    tools.scale(src, {"content": 0.5, "style": -2.0}, out)
+    transforms.scale(src, {"content": 0.5, "style": -2.0}, out)
     network, _ = create_network_from_weights(1.0, str(out), None, None, build_unet(TINY, seed=0))
     assert {m.lora_name for m in network.unet_loras} == set(mods)
     for loaded in network.unet_loras:
@@ -618,7 +618,8 @@ def _tiny_diffusers_pipeline():
 
 def _diffusers_blora_layers(unet, roles) -> list[Layer]:
     """The pipeline UNet's attention Linear layers in the B-LoRA blocks, by LDM name."""
-    from blora_network.blocks import BLOCKS, is_attention_layer
+    from blora_network.blocks import BLOCKS
+    from blora_network.sdxl_names import is_attention_layer
 
     out = []
     for b in BLOCKS:
@@ -639,9 +640,9 @@ def test_written_files_load_in_diffusers_on_the_right_block(tmp_path, to):
     assert len(layers) == 3 * 80  # 10 transformer blocks x 8 projections in each B-LoRA block
     src = write_kohya(tmp_path / "src.safetensors", layers, 4, alpha=1.0, seed=4)
     out = tmp_path / "content_style.safetensors"
-    tools.scale(src, {"content": 0.5, "style": 2.0, "layout": 0.0}, out)
+    transforms.scale(src, {"content": 0.5, "style": 2.0, "layout": 0.0}, out)
     if to == "diffusers":
-        tools.convert(out, tmp_path / "d.safetensors", to="diffusers")
+        transforms.convert(out, tmp_path / "d.safetensors", to="diffusers")
         out = tmp_path / "d.safetensors"
     pipe.load_lora_weights(str(out), adapter_name="blora")
     adapted = {n for n, m in pipe.unet.named_modules() if isinstance(m, LoraLayer)}
@@ -660,7 +661,7 @@ def test_written_files_load_in_diffusers_on_the_right_block(tmp_path, to):
 def test_progress_reports_the_work_done(tmp_path, trained):
     """The CLI's tqdm bars are fed by the tools: every byte read and hashed is reported."""
     bars, Bar = recording_progress()
-    res = tools.combine([tools.BlockSource("content", str(trained), 0.5)], tmp_path / "o.safetensors", progress=Bar)
+    res = transforms.combine([transforms.BlockSource("content", str(trained), 0.5)], tmp_path / "o.safetensors", progress=Bar)
     assert [b.desc for b in bars] == ["reading content from dog.safetensors", "hashing o.safetensors"]
     assert all(b.closed and b.done == b.total > 0 for b in bars)
     assert bars[1].total == res.bytes - (8 + int.from_bytes((tmp_path / "o.safetensors").read_bytes()[:8], "little"))

@@ -16,7 +16,7 @@ import torch
 import blora_network
 from blora_network.errors import NetworkArgsError, PresetError
 from blora_network.network import TEXT_ENCODER_ATTENTION_CLASSES
-from blora_network.sdxl import TINY, build_unet
+from blora_network.sdxl_unet import TINY, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -29,6 +29,7 @@ __all__ = [
     "build_unet",
     "LinearLayer",
     "linear_layers",
+    "meta_unet",
     "module_names",
     "random_inputs",
     "build_text_encoders",
@@ -383,8 +384,15 @@ class LinearLayer:
 
 
 @lru_cache(maxsize=8)
+def meta_unet(size: UNetSize = FULL) -> SdxlUNet2DConditionModel:
+    """The UNet's structure at ``size`` on the meta device (no memory, no weights; cached): for
+    questions about names and shapes, never for running it."""
+    return build_unet(size, device="meta")
+
+
+@lru_cache(maxsize=8)
 def _meta_tree(size: UNetSize) -> tuple[tuple[str, nn.Module], ...]:
-    return tuple(build_unet(size, device="meta").named_modules())
+    return tuple(meta_unet(size).named_modules())
 
 
 def linear_layers(size: UNetSize = FULL) -> tuple[LinearLayer, ...]:

@@ -1,0 +1,358 @@
+"""The file tools that write: split, combine, scale, extract and convert, as plain functions on files.
+
+Each reads a LoRA file lazily (only the tensors it keeps), writes kohya-format files
+atomically (never over an input, never over an existing file without ``force``), keeps the
+source metadata and updates what changed (:func:`blora_network.metadata.tool_metadata`). They
+return typed results and never print: :mod:`blora_network.cli` does the talking.
+
+Weights are exact: a weight w multiplies a block's change dW by w (one factor is scaled,
+never both; :func:`blora_network.algos.scale_tensors`), and a weight of 0 drops the block
+from the output file. Any float dtype is read, fp8 included; the math runs in float32 and
+every tensor keeps the file's dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+
+from .algos import alpha_tensor, effective_alpha, alpha_value, module_scale, scale_tensors
+from .blocks import ROLES, lookup_block
+from .errors import LoraFileError
+from .lorafile import LoraFile, LoraLayer, open_sdxl_lora
+from .measure import Progress, progress_bar
+from .metadata import KEY_WEIGHTS, LayerRecord, cumulative_weights, source_entry, tool_metadata
+from .safefile import check_output_path, write_safetensors_hashed
+from .sdxl_names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
+
+__all__ = ["WrittenFile", "SplitResult", "BlockSource", "split", "split_paths", "combine", "scale", "extract",
+           "convert"]
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """One file a tool wrote."""
+
+    path: str
+    blocks: list[str]
+    modules: int
+    tensors: int
+    bytes: int
+    sshs_model_hash: str
+    weights: dict[str, float] = field(default_factory=dict)
+    """The weights baked into the file relative to training (a running product over tools)."""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Output:
+    """The tensors and layer records of one file being assembled."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    records: list[LayerRecord] = field(default_factory=list)
+
+    def roles(self) -> list[str]:
+        present = {r.role for r in self.records if r.role}
+        return [r for r in ROLES if r in present]
+
+    def add(self, lora: LoraFile, layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> None:
+        entry = _kohya_entry(layer, tensors)
+        if any(k in self.tensors for k in entry):
+            raise LoraFileError(f"{lora.path}: layer {layer.name} is given twice")
+        self.tensors.update(entry)
+        self.records.append(LayerRecord(layer.role, layer.rank, effective_alpha(alpha_value(tensors), layer.rank)))
+
+
+def _kohya_entry(layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A layer's tensors under kohya keys; a LoRA without alpha gets its implied alpha, written out."""
+    out = {f"{layer.name}.{suffix}": t for suffix, t in tensors.items()}
+    if layer.algo == "lora" and "alpha" not in tensors:
+        out[f"{layer.name}.alpha"] = alpha_tensor(effective_alpha(None, layer.rank), tensors["lora_down.weight"])
+    return out
+
+
+def _gather(lora: LoraFile, reader, layers: Sequence[LoraLayer], out: _Output, progress: Optional[Progress],
+            weights: Optional[Mapping[str, float]] = None, desc: str = "") -> None:
+    """Read ``layers`` (and only those), scale each by its block's weight, add them under kohya keys."""
+    weights = weights or {}
+    for layer, tensors in reader.read(layers, progress=progress, desc=desc):
+        w = weights.get(layer.role, 1.0) if layer.role else 1.0
+        if w != 1.0:
+            tensors = scale_tensors(layer.algo, tensors, w, name=layer.name, where=f"{lora.path}: ")
+        out.add(lora, layer, tensors)
+
+
+def _write(output, out: _Output, metadata: dict[str, str], *, force: bool, inputs: Sequence[Path],
+           progress: Optional[Progress], weights=None, warnings=()) -> WrittenFile:
+    total = sum(t.numel() * t.element_size() for t in out.tensors.values())
+    # fsync only when replacing a file: a new output lost to a power cut is lost alone (the
+    # inputs are never written) and is made again in seconds; an fsync costs ~0.1-0.3 s per
+    # 100-300 MB (benchmarks/RESULTS.md section 4). sd-scripts does not fsync at all.
+    replacing = Path(output).exists()
+    with progress_bar(progress, total, f"hashing {Path(output).name}") as bar:
+        path, model_hash, _ = write_safetensors_hashed(
+            output, out.tensors, metadata, overwrite=force, inputs=tuple(inputs), on_bytes=bar.update,
+            durable=replacing,
+        )
+    return WrittenFile(
+        path=str(path),
+        blocks=out.roles(),
+        modules=len(out.records),
+        tensors=len(out.tensors),
+        bytes=path.stat().st_size,
+        sshs_model_hash=model_hash,
+        weights=dict(weights or {}),
+        warnings=list(warnings),
+    )
+
+
+def _check_weight(role: str, w: float) -> float:
+    if not math.isfinite(w):
+        raise LoraFileError(f"the {role} weight must be a finite number, not {w}")
+    return float(w)
+
+
+def _source(lora: LoraFile, roles: Sequence[str], weights: Mapping[str, float]) -> dict:
+    return source_entry(lora.path.name, lora.metadata, roles, weights)
+
+
+# -- split ------------------------------------------------------------------------------------
+
+@dataclass
+class SplitResult:
+    source: str
+    files: list[WrittenFile]
+    skipped_modules: int
+    """Layers outside the B-LoRA blocks, not written anywhere."""
+
+
+def split_paths(path, out_dir=None, roles: Optional[Iterable[str]] = None) -> dict[str, Path]:
+    """``NAME_content.safetensors`` etc. beside the input (or in ``out_dir``)."""
+    src = Path(path)
+    folder = Path(out_dir) if out_dir is not None else src.parent
+    return {r: folder / f"{src.stem}_{r}.safetensors" for r in (roles or ROLES)}
+
+
+def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: bool = False,
+          progress: Optional[Progress] = None) -> SplitResult:
+    """One file per B-LoRA block found (or per block in ``roles``, which must all be present)."""
+    lora = open_sdxl_lora(path)
+    if roles:
+        lora.require_roles(roles, " to split out")
+        chosen = [r for r in ROLES if r in roles]
+    else:
+        chosen = lora.roles()
+    targets = split_paths(lora.path, out_dir, chosen)
+    for target in targets.values():  # refuse before writing anything
+        check_output_path(target, overwrite=force, inputs=[lora.path])
+    parts = []
+    with lora.reader() as reader:
+        # Every block is read (and checked) before the first file is written: a bad tensor in
+        # the style block must not leave a content file behind.
+        for role in chosen:
+            out = _Output()
+            _gather(lora, reader, lora.role_layers(role), out, progress, desc=f"reading {role}")
+            parts.append((role, out))
+    files, created = [], []
+    try:
+        for role, out in parts:
+            weights = cumulative_weights(lora.metadata, {}, [role])
+            meta = tool_metadata(lora.metadata, out.records, [_source(lora, [role], {role: 1.0})], weights)
+            new = not targets[role].exists()
+            files.append(_write(targets[role], out, meta, force=force, inputs=[lora.path], progress=progress,
+                                weights=weights))
+            if new:
+                created.append(targets[role])
+    except BaseException:  # a failed write (disk full): no partial set of new files
+        for target in created:
+            with contextlib.suppress(OSError):
+                target.unlink()
+        raise
+    skipped = sum(1 for m in lora.layers.values() if m.role is None)
+    return SplitResult(source=str(lora.path), files=files, skipped_modules=skipped)
+
+
+# -- combine ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockSource:
+    """Take block ``role`` from file ``path``, its change multiplied by ``weight``."""
+
+    role: str
+    path: str
+    weight: float = 1.0
+
+
+def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
+            progress: Optional[Progress] = None) -> WrittenFile:
+    """The content block of one file, the style block of another (and a layout block), weighted.
+
+    The output keeps the metadata of the first source (content when given) and records every
+    source, its hash, the block taken and its weight. A weight of 0 leaves that block out.
+    """
+    if not sources:
+        raise LoraFileError("nothing to combine: give a content, style and/or layout source")
+    sources = [BlockSource(lookup_block(s.role).role, s.path, s.weight) for s in sources]
+    roles = [s.role for s in sources]
+    if len(set(roles)) != len(roles):
+        raise LoraFileError(f"each block can come from one file only; got {', '.join(roles)}")
+    order = {r: i for i, r in enumerate(ROLES)}
+    sources = sorted(sources, key=lambda s: order[s.role])
+    loras = []
+    for s in sources:
+        _check_weight(s.role, s.weight)
+        lora = open_sdxl_lora(s.path)
+        lora.require_roles([s.role], f" to take {s.role} from")
+        loras.append(lora)
+    inputs = [lo.path for lo in loras]
+    check_output_path(output, overwrite=force, inputs=inputs)
+    kept = [(s, lo) for s, lo in zip(sources, loras) if s.weight != 0.0]
+    if not kept:
+        raise LoraFileError("every weight is 0: the combined file would be empty")
+    out = _Output()
+    entries, weights = [], {}
+    with contextlib.ExitStack() as stack:
+        for s, lora in kept:
+            reader = stack.enter_context(lora.reader())
+            _gather(lora, reader, lora.role_layers(s.role), out, progress,
+                    weights={s.role: s.weight}, desc=f"reading {s.role} from {lora.path.name}")
+            entries.append(_source(lora, [s.role], {s.role: s.weight}))
+            weights.update(cumulative_weights(lora.metadata, {s.role: s.weight}, [s.role]))
+        meta = tool_metadata(kept[0][1].metadata, out.records, entries, weights)
+        dropped = [s.role for s in sources if s.weight == 0.0]
+        warn = [f"weight 0 leaves {', '.join(dropped)} out of the file"] if dropped else []
+        return _write(output, out, meta, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn)
+
+
+# -- scale ------------------------------------------------------------------------------------
+
+def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
+          progress: Optional[Progress] = None) -> WrittenFile:
+    """Bake per-block weights into a file: each block's dW is multiplied by its weight.
+
+    Blocks not named keep weight 1; layers outside the B-LoRA blocks are copied unchanged;
+    a weight of 0 removes the block's layers.
+    """
+    if not weights:
+        raise LoraFileError("no weight given: name at least one of content, style and layout")
+    weights = {lookup_block(r).role: _check_weight(r, w) for r, w in weights.items()}
+    lora = open_sdxl_lora(path)
+    lora.require_roles(list(weights), " to scale")
+    check_output_path(output, overwrite=force, inputs=[lora.path])
+    keep = [m for m in lora.layers.values() if not (m.role and weights.get(m.role, 1.0) == 0.0)]
+    if not keep:
+        raise LoraFileError(f"{lora.path}: every layer would be dropped (weight 0); nothing to write")
+    out = _Output()
+    with lora.reader() as reader:
+        _gather(lora, reader, keep, out, progress, weights=weights)
+        for key in lora.unparsed:
+            out.tensors[key] = reader.get(key)
+        present = out.roles()
+        applied = cumulative_weights(lora.metadata, weights, present)
+        meta = tool_metadata(lora.metadata, out.records, [_source(lora, present, weights)], applied)
+        dropped = [r for r, w in weights.items() if w == 0.0]
+        warn = [f"weight 0 removed the {', '.join(dropped)} block"] if dropped else []
+        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=applied,
+                      warnings=warn)
+
+
+# -- extract ----------------------------------------------------------------------------------
+
+def extract(path, roles: Sequence[str], output, *, force: bool = False,
+            progress: Optional[Progress] = None) -> WrittenFile:
+    """From a LoRA trained on the whole UNet, keep the attention layers of the chosen blocks.
+
+    These are exactly the layers the B-LoRA presets train (attn1/attn2 to_q, to_k, to_v,
+    to_out.0: 80 per full-size block); ff, proj_in/proj_out and everything else is left out.
+    """
+    roles = [lookup_block(r).role for r in roles]
+    lora = open_sdxl_lora(path)
+    lora.require_roles(roles, " to extract")
+    for role in roles:
+        if not lora.role_layers(role, attention_only=True):
+            block = lookup_block(role)
+            have = sorted({m.ldm_path.rsplit(".", 1)[-1] if m.ldm_path else m.name for m in lora.role_layers(role)})
+            raise LoraFileError(
+                f"{lora.path}: the {role} block ({block.ldm}) has no attention layers (to_q/to_k/to_v/to_out.0), "
+                f"only {', '.join(have[:6])}; there is nothing B-LoRA would train to extract"
+            )
+    check_output_path(output, overwrite=force, inputs=[lora.path])
+    layers = [m for r in roles for m in lora.role_layers(r, attention_only=True)]
+    out = _Output()
+    with lora.reader() as reader:
+        _gather(lora, reader, layers, out, progress)
+        weights = cumulative_weights(lora.metadata, {}, roles)
+        meta = tool_metadata(lora.metadata, out.records, [_source(lora, roles, {})], weights)
+        skipped = len(lora.layers) - len(layers)
+        warn = [f"left out {skipped} layers outside the chosen blocks' attention layers"] if skipped else []
+        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=weights,
+                      warnings=warn)
+
+
+# -- convert ----------------------------------------------------------------------------------
+
+def convert(path, output, *, to: str = "kohya", force: bool = False,
+            progress: Optional[Progress] = None) -> WrittenFile:
+    """Rename a LoRA between kohya names and the diffusers/PEFT names the original B-LoRA wrote.
+
+    ``to="kohya"``: diffusers (``lora.down``/``lora.up``), PEFT (``lora_A``/``lora_B``) or
+    diffusers-named kohya keys become sd-scripts' names, with alpha = rank written out.
+    ``to="diffusers"`` / ``"peft"``: kohya LoRA layers get ``unet.<diffusers path>.lora.down.weight``
+    (or ``.lora_A.weight``) names; alpha/rank is folded into the up factor since these formats
+    have no alpha. The change of every layer is the same before and after.
+    """
+    if to not in WRITE_SPELLINGS:
+        raise LoraFileError(f"unknown target format {to!r}; use one of {', '.join(WRITE_SPELLINGS)}")
+    lora = open_sdxl_lora(path, need_blora=False)
+    if lora.unparsed:
+        raise LoraFileError(
+            f"{lora.path}: {len(lora.unparsed)} tensors are not LoRA layers this tool knows "
+            f"(first: {lora.unparsed[0]!r}); nothing was converted"
+        )
+    if to == "kohya" and set(lora.spellings) == {"kohya"}:
+        raise LoraFileError(f"{lora.path}: already uses kohya names; convert to diffusers or peft for the other way")
+    if to != "kohya":
+        _check_diffusers_convertible(lora)
+    check_output_path(output, overwrite=force, inputs=[lora.path])
+    out = _Output()
+    layers = list(lora.layers.values())
+    with lora.reader() as reader:
+        if to == "kohya":
+            _gather(lora, reader, layers, out, progress)
+        else:
+            for m, src in reader.read(layers, progress=progress):
+                out.tensors.update(_diffusers_entry(m, src, to))
+                out.records.append(LayerRecord(m.role, m.rank, float(m.rank)))  # alpha = rank from now on
+        roles = out.roles()
+        weights = cumulative_weights(lora.metadata, {}, roles) if lora.metadata.get(KEY_WEIGHTS) else {}
+        meta = tool_metadata(lora.metadata, out.records, [_source(lora, roles, {})], weights)
+        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress)
+
+
+def _check_diffusers_convertible(lora: LoraFile) -> None:
+    for m in lora.layers.values():
+        if m.algo != "lora" or m.dora or "lora_mid.weight" in m.keys:
+            raise LoraFileError(
+                f"{lora.path}: layer {m.name} is {m.kind}; the diffusers/PEFT formats hold plain LoRA only "
+                "(keep kohya names: ComfyUI, A1111 and diffusers' load_lora_weights read them)"
+            )
+        if diffusers_path_of_kohya_name(m.name) is None:
+            raise LoraFileError(
+                f"{lora.path}: layer {m.name} has no diffusers name this tool knows (only transformer-block "
+                "and text-encoder layers convert); keep kohya names, which diffusers' load_lora_weights reads"
+            )
+
+
+def _diffusers_entry(m: LoraLayer, src: Mapping[str, torch.Tensor], to: str) -> dict[str, torch.Tensor]:
+    path = diffusers_path_of_kohya_name(m.name)
+    down, up = src["lora_down.weight"], src["lora_up.weight"]
+    s = module_scale("lora", src)
+    if s != 1.0:
+        up = (up.to(torch.float32) * s).to(up.dtype)
+    down_name, up_name = DIFFUSERS_FACTOR_NAMES[to]
+    return {f"{path}.{down_name}": down, f"{path}.{up_name}": up}
