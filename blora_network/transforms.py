@@ -140,14 +140,49 @@ def split_paths(path, out_dir=None, roles: Optional[Iterable[str]] = None) -> di
 
 def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: bool = False,
           progress: Optional[Progress] = None) -> SplitResult:
-    """One file per B-LoRA block found (or per block in ``roles``, which must all be present)."""
+    """One file per B-LoRA block found (or per block in ``roles``, which must all be present).
+
+    ``out_dir`` is made when it does not exist yet (and removed again if the split fails).
+    """
     lora = open_sdxl_lora(path)
     if roles:
         lora.require_roles(roles, " to split out")
         chosen = [r for r in ROLES if r in roles]
     else:
         chosen = lora.roles()
-    targets = split_paths(lora.path, out_dir, chosen)
+    made = _make_folders(Path(out_dir)) if out_dir is not None else []
+    try:
+        return _split(lora, chosen, split_paths(lora.path, out_dir, chosen), force, progress)
+    except BaseException:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only empty: _split removed the files it made
+        raise
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p``, returning the folders it made (outermost first)."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    made = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except OSError as e:
+            for m in reversed(made):
+                with contextlib.suppress(OSError):
+                    m.rmdir()
+            raise LoraFileError(f"{f}: cannot create the output folder ({e.strerror or e})") from None
+        made.append(f)
+    return made
+
+
+def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: bool,
+           progress: Optional[Progress]) -> SplitResult:
     for target in targets.values():  # refuse before writing anything
         check_output_path(target, overwrite=force, inputs=[lora.path])
     parts = []
