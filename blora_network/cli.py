@@ -98,8 +98,19 @@ def _positive_int(value: str) -> int:
     return n
 
 
+class _Once(argparse.Action):
+    """An option that may be given once: ``combine --content A --content B`` is a mistake to name,
+    not a choice to make silently (argparse keeps the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        before = getattr(namespace, self.dest, None)
+        if before is not None and before != self.default:
+            raise argparse.ArgumentError(self, f"given twice ({before} and {values}); give it once")
+        setattr(namespace, self.dest, values)
+
+
 def _out_args(p) -> None:
-    p.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write (.safetensors)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", action=_Once, help="file to write (.safetensors)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists (never an input file)")
 
 
@@ -192,7 +203,7 @@ def _run_inspect(args) -> Output:
         where = f"{b.ldm} {b.lbw}" if b.ldm else f"{len(b.blocks)} blocks"
         ranks = "/".join(map(str, b.ranks)) or "-"
         alphas = "/".join(f"{a:g}" for a in b.alphas) or "-"
-        norm = f"{b.norm:.4g}" if b.norm is not None else "-"
+        norm = _norm(b.norm) if b.norm is not None else "-"
         lines.append(f"  {b.role:<8} {where:<22} {b.modules:>6} {ranks:>9} {alphas:>9} {','.join(b.algos):<10} {norm:>10}")
     if rep.training:
         lines.append(_printable("training: " + "; ".join(f"{k} {v}" for k, v in rep.training.items() if k != "network args")))
@@ -208,6 +219,11 @@ def _add_analyze(p) -> None:
     p.add_argument("--top", type=_positive_int, metavar="N",
                    help="list only the N blocks with the largest change (default: every block, in UNet order)")
     p.add_argument("--force", action="store_true", help="replace OUT.png if it exists")
+
+
+def _norm(x: float) -> str:
+    """||dW||_F with the same number of decimals in every row (scientific only when very large or small)."""
+    return f"{x:.4f}" if x == 0 or 1e-3 <= abs(x) < 1e5 else f"{x:.3e}"
 
 
 def _share(x: float) -> str:
@@ -240,13 +256,13 @@ def _run_analyze(args) -> Output:
     for r in rows:
         role = f"{r.role} {r.lbw}" if r.role else "-"
         cells = "".join(f" {_share(r.kinds[k] ** 2 / total_sq) if k in r.kinds else '-':>10}" for k in kinds)
-        lines.append(f"  {r.block:<18} {role:<12} {r.modules:>6} {r.norm:>10.4g} {_share(r.share):>7}{cells}")
+        lines.append(f"  {r.block:<18} {role:<12} {r.modules:>6} {_norm(r.norm):>10} {_share(r.share):>7}{cells}")
     shown = {r.block for r in rows}
     hidden = [r for r in rep.blocks if r.block not in shown]
     if hidden:
         lines.append(f"  ... and {len(hidden)} more blocks ({_share(sum(r.share for r in hidden))} together)")
     cells = "".join(f" {_share(rep.kinds[k].share):>10}" for k in kinds)
-    lines.append(f"  {'UNet':<18} {'':<12} {sum(r.modules for r in rep.blocks):>6} {rep.unet_norm:>10.4g} "
+    lines.append(f"  {'UNet':<18} {'':<12} {sum(r.modules for r in rep.blocks):>6} {_norm(rep.unet_norm):>10} "
                  f"{_share(1.0 if rep.unet_norm else 0.0):>7}{cells}")
     blora = ", ".join(f"{b.role} {b.block} {_share(b.share) if b.modules else 'not in file'}" for b in rep.blora)
     lines.append(f"B-LoRA blocks, attention change (attn1+attn2): {blora}; together {_share(rep.blora_attention_share)} "
@@ -265,10 +281,16 @@ def _run_analyze(args) -> Output:
 # -- writers ----------------------------------------------------------------------------------
 
 def _describe_written(f) -> str:
-    weights = ", ".join(f"{r} x{w:g}" for r, w in f.weights.items() if w != 1.0)
+    """``wrote OUT: content, style (160 layers, 1.2 MiB); applied style x0.7; since training style x0.56``."""
     blocks = ", ".join(f.blocks) or "no B-LoRA block"
-    extra = f"; weights {weights}" if weights else ""
-    return f"wrote {f.path}: {blocks} ({f.modules} layers, {_size(f.bytes)}){extra}"
+    text = f"wrote {f.path}: {blocks} ({f.modules} layers, {_size(f.bytes)})"
+    applied = {r: w for r, w in f.applied.items() if w != 1.0}
+    if applied:
+        text += "; applied " + ", ".join(f"{r} x{w:g}" for r, w in applied.items())
+    baked = {r: w for r, w in f.weights.items() if w != 1.0}
+    if baked and baked != applied:
+        text += "; since training " + ", ".join(f"{r} x{w:g}" for r, w in baked.items())
+    return text
 
 
 def _written(f) -> Output:
@@ -294,8 +316,9 @@ def _run_split(args) -> Output:
 
 def _add_combine(p) -> None:
     for role in ROLES:
-        p.add_argument(f"--{role}", metavar="FILE", help=f"take the {role} block from FILE")
-        p.add_argument(f"--{role}-weight", type=_weight, metavar="W", help=f"weight of the {role} block (default 1)")
+        p.add_argument(f"--{role}", metavar="FILE", action=_Once, help=f"take the {role} block from FILE")
+        p.add_argument(f"--{role}-weight", type=_weight, metavar="W", action=_Once,
+                       help=f"weight of the {role} block (default 1)")
     _out_args(p)
 
 
@@ -319,7 +342,7 @@ def _run_combine(args) -> Output:
 def _add_scale(p) -> None:
     p.add_argument("file", metavar="FILE")
     for role in ROLES:
-        p.add_argument(f"--{role}", type=_weight, metavar="W", help=f"weight of the {role} block")
+        p.add_argument(f"--{role}", type=_weight, metavar="W", action=_Once, help=f"weight of the {role} block")
     _out_args(p)
 
 

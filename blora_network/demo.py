@@ -8,11 +8,12 @@ and what it writes before spending GPU hours. :func:`train` is also what the tes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -38,6 +39,12 @@ class DemoResult:
     file: Optional[str] = None
     file_bytes: int = 0
     seconds: float = 0.0
+    threads: Optional[int] = None
+    """torch's CPU threads during the run (None on a GPU); see :func:`choose_threads`."""
+    torch: str = ""
+    """torch's version, which says its build (``+cpu``, ``+cu126``)."""
+    note: Optional[str] = None
+    """Advice on the install (a CUDA torch on a machine without a GPU), if any."""
 
 
 def teacher_target(unet: torch.nn.Module, preset: str, batch: tuple, *, seed: int = 0, rank: int = 2, strength: float = 0.5) -> torch.Tensor:
@@ -63,12 +70,56 @@ def teacher_target(unet: torch.nn.Module, preset: str, batch: tuple, *, seed: in
         return teacher(*batch)
 
 
-def _pick_device(name: str) -> torch.device:
+def resolve_device(name: str) -> "torch.device":
+    """``auto`` (CUDA when there is one), ``cpu``, ``cuda``, ``cuda:N``, ``mps``: a device that is there.
+
+    Anything else, or a device this torch cannot use, is a :class:`DeviceError` naming the devices
+    there are (a CPU-only torch says so, with the line that installs a CUDA build).
+    """
     import torch
 
+    from .errors import DeviceError
+
+    there = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        there.append("mps")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {name}: not a device name; the devices here are: {', '.join(there)} "
+                          "(or auto)") from None
+    wanted = str(device) if device.index is not None or device.type != "cuda" else "cuda:0"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        build = f"a CUDA {torch.version.cuda} build, but no GPU is visible" if torch.version.cuda else "a CPU-only build"
+        raise DeviceError(f"--device {name}: this torch ({torch.__version__}) is {build}; the devices here are: "
+                          f"{', '.join(there)}")
+    if wanted not in there:
+        raise DeviceError(f"--device {name}: not available; the devices here are: {', '.join(there)}")
+    return device
+
+
+def choose_threads(device: "torch.device", threads: Optional[int]) -> Optional[int]:
+    """torch's CPU threads for the demo: one unless told otherwise.
+
+    The tiny model's ops take microseconds; on more threads each one waits for OpenMP's hand-off,
+    which costs milliseconds as soon as other jobs hold the cores (a 30-step run took 187-402 s
+    with torch's default threads on a busy machine, 4 s with one). None on a GPU: it is not used.
+    """
+    if device.type != "cpu":
+        return None
+    return 1 if threads is None else threads
+
+
+def _torch_build_note(device: "torch.device") -> Optional[str]:
+    import torch
+
+    if device.type == "cpu" and torch.version.cuda and not torch.cuda.is_available():
+        return (f"this torch ({torch.__version__}) is a CUDA {torch.version.cuda} build, but no GPU is visible; "
+                "on a CPU-only machine the CPU build is much smaller: "
+                "pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    return None
 
 
 def train(
@@ -79,6 +130,8 @@ def train(
     lr: float = 1e-3,
     device: str = "auto",
     output: Optional[str] = "blora_demo.safetensors",
+    force: bool = False,
+    threads: Optional[int] = None,
     seed: int = 0,
     network_args: Optional[dict] = None,
     progress: bool = False,
@@ -86,21 +139,40 @@ def train(
     """Train a B-LoRA on the tiny SDXL-shaped UNet with synthetic data, the way sd-scripts does.
 
     The batch is fixed and the target is what the UNet outputs after a random low-rank change
-    to the preset's layers (:func:`teacher_target`), so the loss has a reachable minimum.
+    to the preset's layers (:func:`teacher_target`), so the loss has a reachable minimum. The
+    output path is checked before any training (an existing file needs ``force``).
     """
+    import torch
+
+    from .measure import torch_threads
+    from .safefile import SAFETENSORS, check_output_path
+
+    started = time.perf_counter()
+    dev = resolve_device(device)
+    if output:
+        check_output_path(output, overwrite=force, suffixes=SAFETENSORS)
+    n_threads = choose_threads(dev, threads)
+    with torch_threads(n_threads) if n_threads else contextlib.nullcontext():
+        result = _train(preset, dim, steps, lr, dev, seed, network_args or {}, progress, output)
+    result.threads = n_threads
+    result.torch = torch.__version__
+    result.note = _torch_build_note(dev)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _train(preset, dim, steps, lr, dev, seed, network_args, progress, output) -> DemoResult:
     import torch
 
     from . import create_network
     from .sdxl_unet import TINY, build_unet, random_inputs
 
-    started = time.perf_counter()
-    dev = _pick_device(device)
     torch.manual_seed(seed)
     unet = build_unet(TINY, seed=seed).to(dev)
     x, t, ctx, y = random_inputs(TINY, batch=2, seed=seed, device=dev)
     target = teacher_target(unet, preset, (x, t, ctx, y), seed=seed + 1)
 
-    args = {"preset": preset, **(network_args or {})}
+    args = {"preset": preset, **network_args}
     # 1. create_network, exactly as train_network.py calls it (values are strings there).
     network = create_network(1.0, dim, float(dim), None, None, unet, neuron_dropout=None, **{k: str(v) for k, v in args.items()})
     # 3. apply_to(text_encoder, unet, train_text_encoder, train_unet): --network_train_unet_only.
@@ -130,35 +202,34 @@ def train(
         torch.nn.utils.clip_grad_norm_(list(network.get_trainable_params()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    loss_after = loss_now()
-
-    summary = network.block_summary()
     result = DemoResult(
-        preset=preset,
-        device=str(dev),
-        dim=dim,
-        steps=steps,
-        blocks=summary,
+        preset=preset, device=str(dev), dim=dim, steps=steps, blocks=network.block_summary(),
         trainable_parameters=sum(p.numel() for p in network.parameters() if p.requires_grad),
-        loss_before=loss_before,
-        loss_after=loss_after,
+        loss_before=loss_before, loss_after=loss_now(),
     )
     if output:
-        metadata = {
-            "ss_network_module": "blora_network",
-            "ss_network_dim": str(dim),
-            "ss_network_alpha": str(float(dim)),
-            "ss_network_args": json.dumps(args),
-            "ss_base_model_version": "sdxl_base_v1-0",
-            "ss_steps": str(steps),
-            "ss_output_name": Path(output).stem,
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
-        }
-        network.save_weights(output, torch.bfloat16, metadata)
+        network.save_weights(output, torch.bfloat16, _metadata(dim, steps, args, output))
         result.file = str(output)
         result.file_bytes = Path(output).stat().st_size
-    result.seconds = time.perf_counter() - started
     return result
+
+
+def _metadata(dim: int, steps: int, args: dict, output: str) -> dict[str, str]:
+    """What sd-scripts would hand ``save_weights``, for a model that is not SDXL and says so."""
+    from .lorafile import DEMO_TEXT
+    from .metadata import KEY_DEMO
+
+    return {
+        "ss_network_module": "blora_network",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(float(dim)),
+        "ss_network_args": json.dumps(args),
+        "ss_base_model_version": "blora_demo_tiny_unet",
+        "ss_steps": str(steps),
+        "ss_output_name": Path(output).stem,
+        "modelspec.architecture": "blora-demo-tiny-unet/lora",
+        KEY_DEMO: DEMO_TEXT,
+    }
 
 
 HELP = "train a content_style B-LoRA for a few steps on a tiny built-in SDXL-shaped UNet"
@@ -172,34 +243,49 @@ EXAMPLE = "  blora-network demo --steps 30 -o demo.safetensors"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
     p.add_argument("--preset", default="content_style", help="built-in preset name or TOML path (default: content_style)")
-    p.add_argument("--dim", type=int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--steps", type=int, default=30, help="training steps (default: 30)")
+    p.add_argument("--dim", type=_positive, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--steps", type=_positive, default=30, help="training steps (default: 30)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads (default: 1, the fastest for this tiny model, on a busy machine too)")
     p.add_argument("-o", "--output", default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
 
 
 def run(args: argparse.Namespace):
     """``blora-network demo``: train, save, and report ``(result, lines)``."""
     import logging
 
+    from . import network  # noqa: F401  imports LyCORIS, whose import sets its logger to INFO
+
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # the summary below says what it would log
-    result = train(
-        preset=args.preset,
-        dim=args.dim,
-        steps=args.steps,
-        lr=args.lr,
-        device=args.device,
-        output=args.output,
-        progress=not args.json,
-    )
-    lines = [f"blora-network demo: preset {result.preset}, rank {result.dim}, {result.steps} AdamW steps on {result.device}"]
+    result = train(preset=args.preset, dim=args.dim, steps=args.steps, lr=args.lr, device=args.device,
+                   output=args.output, force=args.force, threads=args.threads, progress=not args.json)
+    where = result.device + (f", {result.threads} torch thread{'s' if result.threads != 1 else ''}"
+                             f"{' (the fastest for this tiny model; --threads N to change)' if args.threads is None else ''}"
+                             if result.threads else "")
+    lines = [f"blora-network demo: preset {result.preset}, rank {result.dim}, {result.steps} AdamW steps on {where}; "
+             f"torch {result.torch}"]
     for role, s in result.blocks.items():
         lines.append(f"  {role:<8} {s['modules']:>4} modules  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
     lines.append(f"  trainable parameters: {result.trainable_parameters:,}")
     lines.append(f"  loss: {result.loss_before:.6f} -> {result.loss_after:.6f} "
                  f"({(1 - result.loss_after / result.loss_before) * 100:.1f}% lower)")
     if result.file:
-        lines.append(f"  wrote {result.file} ({result.file_bytes:,} bytes, bf16, kohya LoRA format)")
+        lines.append(f"  wrote {result.file} ({result.file_bytes:,} bytes, bf16, kohya LoRA format) for the demo's tiny "
+                     "UNet, not for SDXL: try the tools on it (blora-network inspect/split/combine)")
     lines.append(f"  took {result.seconds:.1f} s")
+    if result.note:
+        lines.append(f"note: {result.note}")
     return result, lines

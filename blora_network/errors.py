@@ -7,7 +7,7 @@ non-zero; sd-scripts shows it as the last line of its traceback.
 
 from __future__ import annotations
 
-__all__ = ["BLoraError", "PresetError", "NetworkArgsError", "LoraFileError", "ModelMismatchError"]
+__all__ = ["BLoraError", "PresetError", "NetworkArgsError", "LoraFileError", "ModelMismatchError", "DeviceError"]
 
 
 class BLoraError(Exception):
@@ -28,3 +28,7 @@ class LoraFileError(BLoraError, OSError):
 
 class ModelMismatchError(BLoraError, ValueError):
     """The model handed to us is not sd-scripts' SDXL UNet (diffusers names, SD1.x, ...)."""
+
+
+class DeviceError(BLoraError, ValueError):
+    """A device asked for (``--device cuda``) that this machine or this torch build does not have."""

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .algos import all_finite, effective_alpha, alpha_value
 from .blocks import BLOCKS, ROLES
-from .lorafile import DTYPE_NAMES, LoraFile, LoraLayer, guess_model, open_sdxl_lora
+from .lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
 from .measure import Progress, layer_norm_sq
 from .metadata import KEY_PRESET, KEY_WEIGHTS
 
@@ -53,8 +53,8 @@ class InspectReport:
     dtypes: dict[str, int]
     blocks: dict[str, BlockReport]
     """content / style / layout (those present), then ``other`` when the file has more."""
-    training: dict[str, str]
-    """The metadata that matters: network module, preset, dim, alpha, steps, base model..."""
+    training: dict[str, Any]
+    """The metadata that matters: network module, preset, dim, alpha, steps, base model... (numbers as numbers)."""
     warnings: list[str]
     modules: int
     tensors: int
@@ -62,22 +62,35 @@ class InspectReport:
 
 
 TRAINING_KEYS = (
-    ("network module", "ss_network_module"),
-    ("preset", KEY_PRESET),
-    ("dim", "ss_network_dim"),
-    ("alpha", "ss_network_alpha"),
-    ("steps", "ss_steps"),
-    ("max steps", "ss_max_train_steps"),
-    ("epochs", "ss_epoch"),
-    ("learning rate", "ss_learning_rate"),
-    ("base model", "ss_sd_model_name"),
-    ("base model version", "ss_base_model_version"),
-    ("architecture", "modelspec.architecture"),
-    ("network args", "ss_network_args"),
-    ("trained at", "ss_training_finished_at"),
-    ("B-LoRA weights baked", KEY_WEIGHTS),
+    ("network module", "ss_network_module", str),
+    ("preset", KEY_PRESET, str),
+    ("dim", "ss_network_dim", int),
+    ("alpha", "ss_network_alpha", float),
+    ("steps", "ss_steps", int),
+    ("max steps", "ss_max_train_steps", int),
+    ("epochs", "ss_epoch", int),
+    ("learning rate", "ss_learning_rate", float),
+    ("base model", "ss_sd_model_name", str),
+    ("base model version", "ss_base_model_version", str),
+    ("architecture", "modelspec.architecture", str),
+    ("network args", "ss_network_args", str),
+    ("trained at", "ss_training_finished_at", str),
+    ("B-LoRA weights baked", KEY_WEIGHTS, str),
 )
-"""(label, metadata key) of what inspect shows from a file's training metadata."""
+"""(label, metadata key, type) of what inspect shows from a file's training metadata. Metadata is
+text; numbers are given as numbers where the text is one (``--json`` readers compare them)."""
+
+
+def _typed(text: str, kind: type):
+    if kind is str:
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    if not math.isfinite(value):
+        return text
+    return int(value) if kind is int and value.is_integer() else value
 
 
 @dataclass
@@ -103,16 +116,17 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
     if others:
         groups["other"] = others
     tallies, nonfinite = _read_groups(lora, groups, norms, progress)
+    guess = guess_model(lora)
     blocks = {group: _block_report(lora, group, layers, tallies[group], norms) for group, layers in groups.items()}
     return InspectReport(
         file=str(lora.path),
         file_bytes=lora.size,
-        model=guess_model(lora).model,
+        model=guess.model,
         spellings=list(lora.spellings),
         dtypes={DTYPE_NAMES.get(k, k.lower()): v for k, v in lora.dtypes.items()},
         blocks=blocks,
-        training={label: lora.metadata[key] for label, key in TRAINING_KEYS if key in lora.metadata},
-        warnings=_warnings(lora, blocks, {g: t.rank_alpha for g, t in tallies.items()}, nonfinite),
+        training={label: _typed(lora.metadata[key], kind) for label, key, kind in TRAINING_KEYS if key in lora.metadata},
+        warnings=_warnings(lora, blocks, {g: t.rank_alpha for g, t in tallies.items()}, nonfinite, guess),
         modules=len(lora.layers),
         tensors=sum(len(m.keys) for m in lora.layers.values()) + len(lora.unparsed),
         nonfinite_tensors=nonfinite,
@@ -163,8 +177,9 @@ def _block_report(lora: LoraFile, group: str, layers: list[LoraLayer], tally: _T
     )
 
 
-def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, set], nonfinite: list[str]) -> list[str]:
-    out: list[str] = []
+def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, set], nonfinite: list[str],
+              guess: ModelGuess) -> list[str]:
+    out: list[str] = [f"this file was {guess.reason}"] if guess.model == "demo" else []
     if nonfinite:
         out.append(
             f"{len(nonfinite)} tensors hold NaN or Inf (first: {nonfinite[0]}); the file will give black or "

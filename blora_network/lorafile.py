@@ -29,17 +29,24 @@ from .blocks import BLOCKS, lookup_block, role_of_kohya_name
 from .errors import LoraFileError
 from .measure import Progress, progress_bar, torch_threads
 from .safefile import open_safetensors, read_header_layout
+from .metadata import KEY_DEMO
 from .sdxl_names import (
     CONTEXT_WIDTH_MODEL,
+    SD_BLOCK_WIDTHS,
+    SDXL_BLOCK_WIDTHS,
     block_of_kohya_name,
     block_order,
     is_attention_layer,
     ldm_path_of_kohya_name,
     parse_lora_key,
+    transformer_block_of,
 )
 
+DEMO_TEXT = ("made by blora-network demo for its tiny SDXL-shaped UNet (64 channels at the widest, 32-wide text): "
+             "for trying the tools only; it does not load on SDXL")
+
 __all__ = ["LoraLayer", "LoraFile", "TensorReader", "ModelGuess", "open_lora", "open_sdxl_lora", "guess_model",
-           "DTYPE_NAMES"]
+           "DTYPE_NAMES", "DEMO_TEXT"]
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
@@ -388,7 +395,7 @@ def open_sdxl_lora(path, *, need_blora: bool = True) -> LoraFile:
             f"e.g. {lora.unparsed[0]!r})" if lora.unparsed else f"{lora.path}: holds no tensors at all"
         )
     guess = guess_model(lora)
-    if guess.model not in ("sdxl", "unknown"):
+    if guess.model not in ("sdxl", "unknown", "demo"):
         raise LoraFileError(f"{lora.path}: {guess.reason}; B-LoRA blocks exist only in SDXL")
     if need_blora and not lora.roles():
         known = ", ".join(f"{b.role} {b.ldm}" for b in BLOCKS)
@@ -407,43 +414,83 @@ class ModelGuess:
 
 
 _MODEL_TEXT = {"sd1": "an SD1.x LoRA", "sd2": "an SD2.x LoRA", "sdxl": "an SDXL LoRA"}
+_OUT_FACTORS = ("lora_up.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")
+_IN_FACTORS = ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b")
+
+
+def _key(layer: LoraLayer, factors: Sequence[str]) -> str:
+    """The file's own name of the tensor that shows a width (the user's key, never our translation)."""
+    return next((layer.keys[f] for f in factors if f in layer.keys), next(iter(layer.keys.values())))
 
 
 def guess_model(lora: LoraFile) -> ModelGuess:
-    """Which Stable Diffusion a LoRA was trained on, from shapes first, then names, then metadata.
+    """Which Stable Diffusion a LoRA was trained on: from shapes first, then names, then metadata.
 
-    The cross-attention ``attn2.to_k`` input width is the text-embedding width: 768 in SD1.x,
-    1024 in SD2.x, 2048 in SDXL. Without one, the layout decides: a single text encoder
-    (``lora_te_``), attention in ``input_blocks.1`` / ``down_blocks.0`` / ``up_blocks.3``
-    (SD1/2 only) or in ``output_blocks.0``-``2`` / ``up_blocks.0`` (SDXL only).
+    1. The cross-attention ``attn2.to_k``/``to_v`` input width is the text-embedding width: 768 in
+       SD1.x, 1024 in SD2.x, 2048 in SDXL (any other: not a Stable Diffusion we know).
+    2. The channels of each transformer block (the output width of its layers): SD1.x/SD2.x and
+       SDXL share block names but not widths (``output_blocks.3.1`` is 1280 wide in SD1.x, 640 in
+       SDXL), so a file with SDXL-looking names and SD1.x widths is named as SD1.x.
+    3. The layout: a single text encoder (``lora_te_``), attention in ``input_blocks.1``/``2`` or
+       ``output_blocks.6``-``11`` (SD1/2 only), or in ``output_blocks.0``-``2`` (SDXL only).
+    4. The metadata (``ss_base_model_version``, ``modelspec.architecture``).
+    A file made by ``blora-network demo`` (metadata ``blora_demo``) is ``demo``: its tiny UNet is no SDXL.
+    Messages quote the file's own tensor names.
     """
-    widths: dict[int, str] = {}
+    if KEY_DEMO in lora.metadata:
+        return ModelGuess("demo", DEMO_TEXT)
+    found = _by_text_width(lora) or _by_block_widths(lora) or _by_layout(lora) or _by_metadata(lora.metadata)
+    return found or ModelGuess("unknown", "no layer or metadata says which model")
+
+
+def _by_text_width(lora: LoraFile) -> Optional[ModelGuess]:
+    seen = None
     for m in lora.layers.values():
-        if m.name.endswith("attn2_to_k") and m.in_features:
-            widths.setdefault(m.in_features, m.spelled)
-    for width, name in widths.items():
-        model = CONTEXT_WIDTH_MODEL.get(width)
-        if model != "sdxl":
-            what = _MODEL_TEXT.get(model, "not an SDXL LoRA")
-            return ModelGuess(model or "unknown", f"{what}: {name} takes {width}-wide text embeddings (SDXL's take 2048)")
-    if widths:
-        return ModelGuess("sdxl", "attn2.to_k takes 2048-wide text embeddings")
-    names = list(lora.layers)
+        if m.ldm_path and m.ldm_path.endswith(("attn2.to_k", "attn2.to_v")) and m.in_features:
+            model = CONTEXT_WIDTH_MODEL.get(m.in_features)
+            if model != "sdxl":
+                what = _MODEL_TEXT.get(model, "not an SDXL LoRA")
+                return ModelGuess(model or "unknown", f"{what}: {_key(m, _IN_FACTORS)} takes {m.in_features}-wide "
+                                                      "text embeddings (SDXL's take 2048)")
+            seen = seen or ModelGuess("sdxl", "attn2.to_k takes 2048-wide text embeddings")
+    return seen
+
+
+def _by_block_widths(lora: LoraFile) -> Optional[ModelGuess]:
+    sdxl_match = None
+    for m in lora.layers.values():
+        if not m.ldm_path or m.out_features is None or ".ff.net.0." in m.ldm_path:
+            continue
+        block = transformer_block_of(m.ldm_path)
+        xl, sd = SDXL_BLOCK_WIDTHS.get(block), SD_BLOCK_WIDTHS.get(block)
+        if m.out_features == sd and m.out_features != xl:
+            there = f"SDXL's {block} is {xl} wide" if xl else f"SDXL has no transformer at {block}"
+            return ModelGuess("sd1", f"an SD1.x/SD2.x LoRA: {_key(m, _OUT_FACTORS)} is {m.out_features} wide, as "
+                                     f"{block} is in SD1.x/SD2.x ({there})")
+        if m.out_features == xl and xl != sd:
+            sdxl_match = sdxl_match or ModelGuess("sdxl", f"{block} is {xl} wide, as in SDXL")
+    return sdxl_match
+
+
+def _by_layout(lora: LoraFile) -> Optional[ModelGuess]:
     # Attention blocks only one of the two has (canonical LDM names; SD1/2: input 1,2,4,5,7,8 and
     # output 3-11; SDXL: input 4,5,7,8 and output 0-5).
-    sd1_layout = [n for n in names if n.startswith("lora_te_") or re.match(
+    sd1 = [m for n, m in lora.layers.items() if n.startswith("lora_te_") or re.match(
         r"lora_unet_(input_blocks_[12]_1_|output_blocks_([6-9]|1[01])_1_)", n)]
-    sdxl_layout = [n for n in names if n.startswith(("lora_te1_", "lora_te2_")) or re.match(
+    sdxl = [m for n, m in lora.layers.items() if n.startswith(("lora_te1_", "lora_te2_")) or re.match(
         r"lora_unet_output_blocks_[0-2]_1_", n)]
-    if sd1_layout and not sdxl_layout:
-        return ModelGuess("sd1", f"an SD1.x/SD2.x LoRA: it has {sd1_layout[0]}, a layer SDXL does not have")
-    if sdxl_layout and not sd1_layout:
-        return ModelGuess("sdxl", f"layer names of SDXL ({sdxl_layout[0]})")
-    meta = lora.metadata
+    if sd1 and not sdxl:
+        return ModelGuess("sd1", f"an SD1.x/SD2.x LoRA: it has {sd1[0].spelled}, a layer SDXL does not have")
+    if sdxl and not sd1:
+        return ModelGuess("sdxl", f"layer names of SDXL ({sdxl[0].spelled})")
+    return None
+
+
+def _by_metadata(meta: Mapping[str, str]) -> Optional[ModelGuess]:
     base = (meta.get("ss_base_model_version", "") + " " + meta.get("modelspec.architecture", "")).lower()
     if "xl" in base:
         return ModelGuess("sdxl", f"metadata says {base.strip()}")
     if base.strip():
         model = "sd2" if ("v2" in base or meta.get("ss_v2") == "True") else "sd1"
         return ModelGuess(model, f"{_MODEL_TEXT[model]}: its metadata says {base.strip()}")
-    return ModelGuess("unknown", "no layer or metadata says which model")
+    return None

@@ -31,6 +31,7 @@ __all__ = [
     "KEY_LRS",
     "KEY_SOURCES",
     "KEY_WEIGHTS",
+    "KEY_DEMO",
     "HASH_KEYS",
     "STALE_KEYS",
     "LayerRecord",
@@ -51,6 +52,7 @@ KEY_ALPHAS = "blora_block_alphas"  # {"content": 64.0, "style": 64.0}
 KEY_LRS = "blora_block_lrs"        # {"content": 1e-4, ...} when per-block lrs were used
 KEY_SOURCES = "blora_sources"      # [{"file": "a.safetensors", "sshs_model_hash": "...", "blocks": [...]}]
 KEY_WEIGHTS = "blora_weights"      # {"content": 1.0, "style": 0.8}: weights baked into the file
+KEY_DEMO = "blora_demo"            # set by `blora-network demo`: the file is for its tiny UNet, not SDXL
 
 HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 """The hashes of the tensors sd-scripts stores so UIs need not hash the file; the writer fills them."""

@@ -173,7 +173,45 @@ def builtin_preset_text(name: str) -> str:
     )
 
 
+def _unclosed_bracket(text: str) -> Optional[tuple[int, str]]:
+    """``(line, its text)`` of the first ``[`` that is never closed, outside strings and comments.
+
+    The toml reader reports an unclosed ``[`` as "string index out of range" (an array) or "Key
+    group not on a line by itself" (a table header): neither says what is wrong.
+    """
+    stack: list[tuple[int, int]] = []
+    lines = text.splitlines()
+    for n, line in enumerate(lines, 1):
+        quote = None
+        i = 0
+        while i < len(line):
+            c = line[i]
+            if quote:
+                if c == "\\" and quote == '"':
+                    i += 1
+                elif c == quote:
+                    quote = None
+            elif c in "'\"":
+                quote = c
+            elif c == "#":
+                break
+            elif c == "[":
+                stack.append((n, i))
+            elif c == "]" and stack:
+                stack.pop()
+            i += 1
+        if stack and stack[-1][0] == n and line.lstrip().startswith("[") and "=" not in line:
+            return n, line.strip()  # a table header must close on its own line
+    return (stack[0][0], lines[stack[0][0] - 1].strip()) if stack else None
+
+
 def _toml_error(path: str, text: str, err: Exception) -> PresetError:
+    unclosed = _unclosed_bracket(text)
+    if unclosed is not None:
+        line, shown = unclosed
+        return PresetError(f"{path}:{line}: TOML syntax error: the '[' on line {line} ({shown[:80]!r}) is never closed; "
+                           "add the matching ']' (a list of patterns ends with ']', a table header such as [blora] "
+                           "closes on its own line)")
     line = getattr(err, "lineno", None)
     col = getattr(err, "colno", None)
     msg = getattr(err, "msg", str(err))

@@ -34,6 +34,7 @@ from .metadata import HASH_KEYS
 
 __all__ = [
     "PICKLE_SUFFIXES",
+    "SAFETENSORS",
     "MAX_METADATA_BYTES",
     "model_hashes",
     "open_safetensors",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl")
+SAFETENSORS = (".safetensors",)
+"""The suffix the tools write: sd-scripts, ComfyUI and A1111 list LoRA files by it."""
 MAX_METADATA_BYTES = 16 * 1024 * 1024
 """A header larger than this is refused: metadata is untrusted text, not a place for data."""
 _LEGACY_START, _LEGACY_END = 0x100000, 0x110000
@@ -169,13 +172,19 @@ def model_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
 
 
 def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Sequence = (), option: str = "-o",
-                      suffix: str = ".safetensors") -> Path:
+                      suffix: str = ".safetensors", suffixes: Sequence[str] = ()) -> Path:
     """Refuse an output we must not or cannot write, before any work is done.
 
     An input is never overwritten, not even with ``overwrite``. ``option`` and ``suffix`` are
-    how the messages name the command-line option and the file type (``--plot``, ``.png``).
+    how the messages name the command-line option and the file type (``--plot``, ``.png``);
+    ``suffixes``, when given, are the only endings accepted (sd-scripts, ComfyUI and A1111 list
+    LoRAs by their ``.safetensors`` suffix, so a file without it would silently not show up).
     """
     p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        hint = p.with_name(p.name + suffixes[0]) if p.suffix.lower() not in (".pt", ".ckpt") else p.with_suffix(suffixes[0])
+        raise LoraFileError(f"{p}: the output name must end in {' or '.join(suffixes)} (the UIs and sd-scripts list "
+                            f"LoRA files by it); did you mean {hint}?")
     for src in inputs:
         same = False
         with contextlib.suppress(OSError):

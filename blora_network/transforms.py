@@ -27,7 +27,7 @@ from .errors import LoraFileError
 from .lorafile import LoraFile, LoraLayer, open_sdxl_lora
 from .measure import Progress, progress_bar
 from .metadata import KEY_WEIGHTS, LayerRecord, cumulative_weights, source_entry, tool_metadata
-from .safefile import check_output_path, write_safetensors_hashed
+from .safefile import SAFETENSORS, check_output_path, write_safetensors_hashed
 from .sdxl_names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
 __all__ = ["WrittenFile", "SplitResult", "BlockSource", "split", "split_paths", "combine", "scale", "extract",
@@ -47,6 +47,8 @@ class WrittenFile:
     weights: dict[str, float] = field(default_factory=dict)
     """The weights baked into the file relative to training (a running product over tools)."""
     warnings: list[str] = field(default_factory=list)
+    applied: dict[str, float] = field(default_factory=dict)
+    """The weights this call applied (what the user asked for)."""
 
 
 @dataclass
@@ -88,7 +90,7 @@ def _gather(lora: LoraFile, reader, layers: Sequence[LoraLayer], out: _Output, p
 
 
 def _write(output, out: _Output, metadata: dict[str, str], *, force: bool, inputs: Sequence[Path],
-           progress: Optional[Progress], weights=None, warnings=()) -> WrittenFile:
+           progress: Optional[Progress], weights=None, warnings=(), applied=None) -> WrittenFile:
     total = sum(t.numel() * t.element_size() for t in out.tensors.values())
     # fsync only when replacing a file: a new output lost to a power cut is lost alone (the
     # inputs are never written) and is made again in seconds; an fsync costs ~0.1-0.3 s per
@@ -108,6 +110,7 @@ def _write(output, out: _Output, metadata: dict[str, str], *, force: bool, input
         sshs_model_hash=model_hash,
         weights=dict(weights or {}),
         warnings=list(warnings),
+        applied=dict(applied or {}),
     )
 
 
@@ -245,7 +248,7 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
         lora.require_roles([s.role], f" to take {s.role} from")
         loras.append(lora)
     inputs = [lo.path for lo in loras]
-    check_output_path(output, overwrite=force, inputs=inputs)
+    check_output_path(output, overwrite=force, inputs=inputs, suffixes=SAFETENSORS)
     kept = [(s, lo) for s, lo in zip(sources, loras) if s.weight != 0.0]
     if not kept:
         raise LoraFileError("every weight is 0: the combined file would be empty")
@@ -261,7 +264,8 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
         meta = tool_metadata(kept[0][1].metadata, out.records, entries, weights)
         dropped = [s.role for s in sources if s.weight == 0.0]
         warn = [f"weight 0 leaves {', '.join(dropped)} out of the file"] if dropped else []
-        return _write(output, out, meta, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn)
+        return _write(output, out, meta, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn,
+                      applied={s.role: s.weight for s, _ in kept})
 
 
 # -- scale ------------------------------------------------------------------------------------
@@ -278,7 +282,7 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
     weights = {lookup_block(r).role: _check_weight(r, w) for r, w in weights.items()}
     lora = open_sdxl_lora(path)
     lora.require_roles(list(weights), " to scale")
-    check_output_path(output, overwrite=force, inputs=[lora.path])
+    check_output_path(output, overwrite=force, inputs=[lora.path], suffixes=SAFETENSORS)
     keep = [m for m in lora.layers.values() if not (m.role and weights.get(m.role, 1.0) == 0.0)]
     if not keep:
         raise LoraFileError(f"{lora.path}: every layer would be dropped (weight 0); nothing to write")
@@ -288,12 +292,12 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
         for key in lora.unparsed:
             out.tensors[key] = reader.get(key)
         present = out.roles()
-        applied = cumulative_weights(lora.metadata, weights, present)
-        meta = tool_metadata(lora.metadata, out.records, [_source(lora, present, weights)], applied)
+        baked = cumulative_weights(lora.metadata, weights, present)
+        meta = tool_metadata(lora.metadata, out.records, [_source(lora, present, weights)], baked)
         dropped = [r for r, w in weights.items() if w == 0.0]
         warn = [f"weight 0 removed the {', '.join(dropped)} block"] if dropped else []
-        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=applied,
-                      warnings=warn)
+        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=baked,
+                      warnings=warn, applied=weights)
 
 
 # -- extract ----------------------------------------------------------------------------------
@@ -316,7 +320,7 @@ def extract(path, roles: Sequence[str], output, *, force: bool = False,
                 f"{lora.path}: the {role} block ({block.ldm}) has no attention layers (to_q/to_k/to_v/to_out.0), "
                 f"only {', '.join(have[:6])}; there is nothing B-LoRA would train to extract"
             )
-    check_output_path(output, overwrite=force, inputs=[lora.path])
+    check_output_path(output, overwrite=force, inputs=[lora.path], suffixes=SAFETENSORS)
     layers = [m for r in roles for m in lora.role_layers(r, attention_only=True)]
     out = _Output()
     with lora.reader() as reader:
@@ -353,7 +357,7 @@ def convert(path, output, *, to: str = "kohya", force: bool = False,
         raise LoraFileError(f"{lora.path}: already uses kohya names; convert to diffusers or peft for the other way")
     if to != "kohya":
         _check_diffusers_convertible(lora)
-    check_output_path(output, overwrite=force, inputs=[lora.path])
+    check_output_path(output, overwrite=force, inputs=[lora.path], suffixes=SAFETENSORS)
     out = _Output()
     layers = list(lora.layers.values())
     with lora.reader() as reader:

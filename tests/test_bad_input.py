@@ -24,7 +24,7 @@ from blora_network.errors import LoraFileError, NetworkArgsError, PresetError
 from blora_network.presets import builtin_names, load_preset
 from blora_network.safefile import MAX_METADATA_BYTES, load_tensors, read_metadata, write_safetensors_hashed
 from blora_network.sdxl_unet import TINY, build_unet
-from lora_factories import write_sd1
+from lora_factories import Layer, write_kohya, write_sd1
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,6 +138,18 @@ def cli(*argv) -> int:
     return cli_main([str(a) for a in argv])
 
 
+def sd_shaped(tmp: Path, *, diffusers_blocks: bool = False, context: int = 0, name: str = "sdx.safetensors") -> Path:
+    """A LoRA whose keys look like SDXL's but whose shapes are SD1.x/SD2.x's: ``output_blocks.3.1``
+    1280 wide (SDXL's is 640), or SDXL's content block reading ``context``-wide text."""
+    if context:
+        layers = [Layer("output_blocks.0.1.transformer_blocks.0.attn2.to_k", context, 1280),
+                  Layer("output_blocks.0.1.transformer_blocks.0.attn2.to_q", 1280, 1280)]
+    else:
+        layers = [Layer("output_blocks.3.1.transformer_blocks.0.attn1.to_q", 1280, 1280),
+                  Layer("output_blocks.3.1.transformer_blocks.0.attn1.to_k", 1280, 1280)]
+    return write_kohya(tmp / name, layers, 2, diffusers_blocks=diffusers_blocks)
+
+
 # -- the table ----------------------------------------------------------------------------------
 
 
@@ -241,6 +253,31 @@ CASES = [
          ("{tmp}/out/x.safetensors", "does not exist")),
     Case("cli-output-read-only-folder",
          lambda tmp, f: cli("split", f, "--out-dir", unwritable_folder(tmp)), 1, ("not writable",)),
+    Case("cli-output-without-suffix", lambda tmp, f: cli("scale", f, "--style", "0.5", "-o", tmp / "x"), 1,
+         ("{tmp}/x: the output name must end in .safetensors", "did you mean {tmp}/x.safetensors?")),
+    # SD1.x/SD2.x told by shapes, named as such, with the user's own key
+    Case("cli-sd1-widths-under-sdxl-names", lambda tmp, f: cli("inspect", sd_shaped(tmp)), 1,
+         ("an SD1.x/SD2.x LoRA", "lora_unet_output_blocks_3_1_transformer_blocks_0_attn1_to_k.lora_up.weight is 1280 wide",
+          "SDXL's output_blocks.3.1 is 640 wide", "B-LoRA blocks exist only in SDXL")),
+    Case("cli-sd1-widths-diffusers-spelled", lambda tmp, f: cli("analyze", sd_shaped(tmp, diffusers_blocks=True)), 1,
+         ("an SD1.x/SD2.x LoRA", "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k.lora_up.weight")),
+    Case("cli-sd2-context-under-sdxl-names", lambda tmp, f: cli("split", sd_shaped(tmp, context=1024)), 1,
+         ("an SD2.x LoRA", "lora_unet_output_blocks_0_1_transformer_blocks_0_attn2_to_k.lora_down.weight takes "
+          "1024-wide text embeddings")),
+    Case("cli-sd1-context-extract", lambda tmp, f: cli("extract", sd_shaped(tmp, context=768), "--blocks", "content",
+                                                       "-o", tmp / "x.safetensors"), 1, ("an SD1.x LoRA", "768-wide")),
+    # plan refuses what training refuses
+    Case("cli-plan-pattern-matches-nothing",
+         lambda tmp, f: cli("plan", "--preset", preset_file(tmp, f"unet_target_name = ['{PATTERN_NOWHERE}']\n"), "--dim", "4"),
+         1, (f"UNet pattern '{PATTERN_NOWHERE}' matches no Linear layer", "sd-scripts' LDM names")),
+    Case("toml-unclosed-list", lambda tmp, f: make(preset=preset_file(tmp, "unet_target_name = [\n  '^output_blocks',\n")),
+         PresetError, ("{tmp}/mine.toml:1", "'[' on line 1", "is never closed", "add the matching ']'")),
+    Case("toml-unclosed-table-header", lambda tmp, f: make(preset=preset_file(tmp, "[blora\ncontent_dim = 4\n")),
+         PresetError, ("{tmp}/mine.toml:1", "('[blora')", "is never closed")),
+    # the demo
+    Case("cli-demo-device-gpu", lambda tmp, f: cli("demo", "--device", "gpu", "-o", tmp / "x.safetensors"), 1,
+         ("--device gpu: not a device name", "the devices here are: cpu")),
+    Case("cli-demo-existing-output", lambda tmp, f: cli("demo", "-o", f), 1, ("already exists; pass --force",)),
 ]
 
 

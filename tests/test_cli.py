@@ -254,3 +254,133 @@ def test_python_dash_m_and_console_script(tmp_path):
         pytest.skip("blora-network is not installed as a console script here (pip install -e .)")
     r = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "blora-network" in r.stdout
+
+
+# -- the first ten minutes: mistakes get the subcommand's usage and a hint; scripts get clean output --
+
+@pytest.mark.parametrize("argv,usage,hint", [
+    (["combine", "--sytle", "ink.safetensors", "-o", "x.safetensors"], "usage: blora-network combine", "did you mean --style?"),
+    (["combine", "--style_weight", "0.8", "-o", "x.safetensors"], "usage: blora-network combine", "did you mean --style-weight?"),
+    (["inspect", "--jsn", "x.safetensors"], "usage: blora-network inspect", "did you mean --json?"),
+    (["scale", "x.safetensors", "--stlye=0.5", "-o", "y.safetensors"], "usage: blora-network scale", "did you mean --style?"),
+])
+def test_a_typo_in_an_option_shows_that_subcommands_usage_and_the_closest_option(capsys, argv, usage, hint):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert usage in err and hint in err and "unrecognized arguments" in err
+    assert "usage: blora-network [-h]" not in err  # not the top-level usage
+
+
+def test_an_option_given_twice_is_named(capsys, tmp_path, blora):
+    with pytest.raises(SystemExit) as e:
+        main(["combine", "--content", str(blora), "--content", str(tmp_path / "b.safetensors"), "-o", str(tmp_path / "o.safetensors")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --content: given twice" in err and "b.safetensors" in err
+    with pytest.raises(SystemExit):
+        main(["scale", str(blora), "--style", "0.5", "--style", "0.7", "-o", str(tmp_path / "o.safetensors")])
+    assert "argument --style: given twice (0.5 and 0.7)" in capsys.readouterr().err
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_an_output_without_the_safetensors_suffix_is_refused(capsys, tmp_path, blora):
+    for argv in (["scale", str(blora), "--style", "0.5", "-o", str(tmp_path / "dog_s05")],
+                 ["extract", str(blora), "--blocks", "style", "-o", str(tmp_path / "dog.pt")],
+                 ["combine", "--content", str(blora), "-o", str(tmp_path / "dog.st")]):
+        code, out, err = run(capsys, *argv)
+        assert_one_line_cli_error(code, out, err, "must end in .safetensors", "did you mean")
+    assert list(tmp_path.iterdir()) == [blora]
+
+
+def test_split_makes_the_out_dir_the_help_example_names(capsys, tmp_path, blora):
+    code, out, err = run(capsys, "split", str(blora), "--blocks", "style", "--out-dir", str(tmp_path / "parts" / "new"))
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "parts" / "new").iterdir()] == ["dog_style.safetensors"]
+
+
+def test_plan_refuses_a_preset_that_matches_nothing_as_training_does(capsys, tmp_path):
+    preset = tmp_path / "nowhere.toml"
+    preset.write_text("unet_target_name = ['^output_blocks\\.0\\.1\\.transformer_blocks\\.12\\..*$']\n")
+    code, out, err = run(capsys, "plan", "--preset", str(preset), "--dim", "8")
+    assert_one_line_cli_error(code, out, err, "matches no Linear layer", "sd-scripts' LDM names", command="plan")
+    from blora_network import create_network
+    from blora_network.errors import PresetError
+    from blora_network.sdxl_unet import TINY, build_unet
+
+    with pytest.raises(PresetError) as training:
+        create_network(1.0, 4, 4, None, None, build_unet(TINY), preset=str(preset))
+    # the same sentence up to the model description (plan describes full-size SDXL, training the model given)
+    assert err.split("error: ", 1)[1].split("; the model")[0] == str(training.value).split("; the model")[0]
+
+
+def test_json_stdout_is_one_document_whatever_the_work_prints(tmp_path, blora):
+    """A library that prints or logs to stdout (LyCORIS logs there, in colour, through a handler bound
+    to sys.stdout at import) cannot get in front of the document: while the work runs, fd 1 is stderr.
+    In a real process, since pytest's capture replaces sys.stdout with an object of its own."""
+    code = (
+        "import logging, os, sys\n"
+        "noisy = logging.getLogger('noisy'); noisy.addHandler(logging.StreamHandler(sys.stdout)); noisy.setLevel(20)\n"
+        "from blora_network import inspection\n"
+        "from blora_network.cli import main\n"
+        "real = inspection.inspect\n"
+        "def inspect_noisily(*a, **k):\n"
+        "    print('\\x1b[32mINFO\\x1b[0m: a printed line')\n"
+        "    os.write(1, b'raw bytes on fd 1\\n')\n"
+        "    noisy.info('a log line')\n"
+        "    return real(*a, **k)\n"
+        "inspection.inspect = inspect_noisily\n"
+        "raise SystemExit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code, "inspect", str(blora), "--json"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["blocks"]["content"]["modules"] == 80
+    assert "a printed line" in r.stderr and "raw bytes on fd 1" in r.stderr and "a log line" in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["presets", "--json"], ["plan", "--preset", "content_style", "--dim", "4", "--json"]])
+def test_every_json_document_parses_in_a_real_process(argv):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-m", "blora_network", *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    json.loads(r.stdout)
+
+
+def test_a_closed_pipe_is_a_quiet_exit():
+    """``blora-network plan ... --list | head -1``: the reader leaves early; no 'Broken pipe' error."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "blora_network", "plan", "--preset", "content_style_layout", "--dim", "4",
+                             "--list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # before it writes anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert err == ""
+
+
+def test_norm_columns_have_the_same_decimals_in_every_row(capsys, tmp_path):
+    from blora_network.cli import _norm
+
+    assert [_norm(x) for x in (0.05, 1.2345678, 12.5, 1234.5)] == ["0.0500", "1.2346", "12.5000", "1234.5000"]
+    assert _norm(0.0) == "0.0000" and _norm(2e-5) == "2.000e-05" and _norm(3e6) == "3.000e+06"
+    small = write_kohya(tmp_path / "s.safetensors", full_attention_layers(["content"])[:2], 2, alpha=0.002)
+    code, out, _ = run(capsys, "inspect", str(small))
+    cell = next(line for line in out.splitlines() if line.strip().startswith("content")).split()[-1]
+    assert code == 0 and len(cell.split(".")[-1].split("e")[0]) in (3, 4)
+
+
+def test_scale_shows_the_weight_asked_for_and_the_product_since_training(capsys, tmp_path, blora):
+    once = tmp_path / "s1.safetensors"
+    code, out, _ = run(capsys, "scale", str(blora), "--style", "0.7", "-o", str(once))
+    assert code == 0 and out.strip().endswith("applied style x0.7")
+    code, out, _ = run(capsys, "scale", str(once), "--style", "0.8", "-o", str(tmp_path / "s2.safetensors"))
+    assert code == 0 and "applied style x0.8; since training style x0.56" in out
+
+
+def test_inspect_json_gives_numbers_as_numbers(capsys, blora):
+    code, out, _ = run(capsys, "inspect", str(blora), "--json")
+    training = json.loads(out)["training"]
+    assert code == 0
+    assert training["dim"] == 4 and training["alpha"] == 4.0 and training["steps"] == 1000
+    assert training["network module"] == "blora_network" and training["base model"] == "sd_xl_base_1.0.safetensors"

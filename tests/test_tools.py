@@ -173,7 +173,7 @@ def test_inspect_reports_blocks_ranks_norms_and_metadata(trained):
     assert c.norm == pytest.approx(norm, rel=1e-5)
     assert rep.model == "sdxl" and rep.dtypes == {"fp32": 480} and rep.file_bytes == trained.stat().st_size
     assert rep.training["network module"] == "blora_network" and rep.training["preset"] == "content_style"
-    assert rep.training["dim"] == "4" and rep.training["steps"] == "1000"
+    assert rep.training["dim"] == 4 and rep.training["steps"] == 1000
     assert rep.training["base model"] == "sd_xl_base_1.0.safetensors"
     assert any("alpha 1 differs from rank 4 in content, style" in w for w in rep.warnings)
     assert not rep.nonfinite_tensors
