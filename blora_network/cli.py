@@ -27,7 +27,8 @@ from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from . import __version__, demo
-from .blocks import BLOCKS, ROLES, lookup_block, parse_roles
+from .argtypes import positive_int, roles, weight
+from .blocks import BLOCKS, ROLES, lookup_block
 from .errors import BLoraError
 from .sdxl_names import WRITE_SPELLINGS
 
@@ -69,33 +70,6 @@ def _progress(args) -> Optional[object]:
 
     # bars appear only for work over a second, and only on a terminal (disable=None)
     return partial(tqdm, delay=1.0, leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
-
-
-def _roles(value: str) -> list[str]:
-    try:
-        return parse_roles(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _weight(value: str) -> float:
-    try:
-        w = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if w != w or w in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"a weight must be a finite number, not {value!r}")
-    return w
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
 
 
 class _Once(argparse.Action):
@@ -149,7 +123,7 @@ def _run_presets(args) -> Output:
 
 def _add_plan(p) -> None:
     p.add_argument("--preset", required=True, help="built-in preset name or path of a TOML preset")
-    p.add_argument("--dim", required=True, type=_positive_int, help="LoRA rank (network_dim)")
+    p.add_argument("--dim", required=True, type=positive_int, help="LoRA rank (network_dim)")
     p.add_argument("--list", action="store_true", help="list every layer, not a summary per block")
 
 
@@ -216,7 +190,7 @@ def _run_inspect(args) -> Output:
 def _add_analyze(p) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--plot", metavar="OUT.png", help="also draw the chart as a PNG (.svg and .pdf work too)")
-    p.add_argument("--top", type=_positive_int, metavar="N",
+    p.add_argument("--top", type=positive_int, metavar="N",
                    help="list only the N blocks with the largest change (default: every block, in UNet order)")
     p.add_argument("--force", action="store_true", help="replace OUT.png if it exists")
 
@@ -299,7 +273,7 @@ def _written(f) -> Output:
 
 def _add_split(p) -> None:
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--blocks", type=_roles, help=f"only these blocks, comma-separated: {_ROLE_HELP}")
+    p.add_argument("--blocks", type=roles, help=f"only these blocks, comma-separated: {_ROLE_HELP}")
     p.add_argument("--out-dir", metavar="DIR", help="folder for the files (default: FILE's folder)")
     p.add_argument("--force", action="store_true", help="replace existing files")
 
@@ -317,7 +291,7 @@ def _run_split(args) -> Output:
 def _add_combine(p) -> None:
     for role in ROLES:
         p.add_argument(f"--{role}", metavar="FILE", action=_Once, help=f"take the {role} block from FILE")
-        p.add_argument(f"--{role}-weight", type=_weight, metavar="W", action=_Once,
+        p.add_argument(f"--{role}-weight", type=weight, metavar="W", action=_Once,
                        help=f"weight of the {role} block (default 1)")
     _out_args(p)
 
@@ -328,12 +302,12 @@ def _run_combine(args) -> Output:
     sources = []
     for role in ROLES:
         path = getattr(args, role)
-        weight = getattr(args, f"{role}_weight")
+        w = getattr(args, f"{role}_weight")
         if path is None:
-            if weight is not None:
+            if w is not None:
                 raise BLoraError(f"--{role}-weight given without --{role} FILE")
             continue
-        sources.append(BlockSource(role, path, 1.0 if weight is None else weight))
+        sources.append(BlockSource(role, path, 1.0 if w is None else w))
     if not sources:
         raise BLoraError("nothing to combine: give --content FILE, --style FILE and/or --layout FILE")
     return _written(combine(sources, args.output, force=args.force, progress=_progress(args)))
@@ -342,7 +316,7 @@ def _run_combine(args) -> Output:
 def _add_scale(p) -> None:
     p.add_argument("file", metavar="FILE")
     for role in ROLES:
-        p.add_argument(f"--{role}", type=_weight, metavar="W", action=_Once, help=f"weight of the {role} block")
+        p.add_argument(f"--{role}", type=weight, metavar="W", action=_Once, help=f"weight of the {role} block")
     _out_args(p)
 
 
@@ -357,7 +331,7 @@ def _run_scale(args) -> Output:
 
 def _add_extract(p) -> None:
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--blocks", type=_roles, required=True, help=f"comma-separated: {_ROLE_HELP}")
+    p.add_argument("--blocks", type=roles, required=True, help=f"comma-separated: {_ROLE_HELP}")
     _out_args(p)
 
 

@@ -242,25 +242,17 @@ EXAMPLE = "  blora-network demo --steps 30 -o demo.safetensors"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
+    from .argtypes import positive_int
+
     p.add_argument("--preset", default="content_style", help="built-in preset name or TOML path (default: content_style)")
-    p.add_argument("--dim", type=_positive, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--steps", type=_positive, default=30, help="training steps (default: 30)")
+    p.add_argument("--dim", type=positive_int, default=8, help="LoRA rank (default: 8)")
+    p.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: 1, the fastest for this tiny model, on a busy machine too)")
     p.add_argument("-o", "--output", default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
-
-
-def _positive(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
-    return n
 
 
 def run(args: argparse.Namespace):
