@@ -227,8 +227,15 @@ def config_args(path: str | Path) -> TrainingArgs:
     return TrainingArgs(values=read_training_config(path), source=str(path), from_command_line=False, unknown=[])
 
 
+REAL_NEIGHBOURS = frozenset({"caption_extention", "sample_every_n_epochs", "sample_every_n_steps"})
+"""sd-scripts options (main 48d368f, all 199 names compared) close enough to one of :data:`SD_ARGS`
+to look misspelt, which they are not."""
+
+
 def close_option(name: str) -> Optional[str]:
     """The sd-scripts option a misspelt key probably meant (``network_modul`` -> ``network_module``)."""
+    if name in REAL_NEIGHBOURS:
+        return None
     close = difflib.get_close_matches(name, list(SD_ARGS), n=1, cutoff=0.85)
     return close[0] if close else None
 
@@ -239,6 +246,6 @@ def unknown_keys(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     for key in values:
         if key not in SD_ARGS:
             close = close_option(key)
-            if close and close not in values:
+            if close:
                 out.append((key, close))
     return out
