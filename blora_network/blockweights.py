@@ -57,6 +57,8 @@ def lbw_slot(ldm_block: str) -> str:
     if ub is None:
         return "BASE"
     kind, n = ub
+    if kind == "middle_block":
+        return "M00"  # one slot for the whole middle block (BLOCKS: diffusion_model_middle_block_)
     return f"{_LBW_PREFIX[kind]}{n:02d}"
 
 
