@@ -327,7 +327,9 @@ def _scan_lines(result: RecipeResult) -> list[str]:
     lines = [f"{scan['folder']}: {len(images)} image(s) ({shown}), {captions} with a caption file "
              f"({scan['caption_extension']}), trigger token {scan['token']!r}"]
     for i in images:
-        cap = f"caption {i['caption']!r}" if i["caption_file"] else "no caption file"
+        token = "with" if i["has_token"] else "WITHOUT"
+        cap = (f"caption {i['caption']!r} ({token} the token)" if i["caption_file"] else
+               f"no caption file (caption {scan['token']!r} from class_tokens)")
         lines.append(f"  {Path(i['file']).name}: {i['width']}x{i['height']}, {cap}")
     return lines
 
