@@ -73,11 +73,12 @@ LOWVRAM: tuple[LowVramOption, ...] = (
                   "docs/train_network_advanced.md, Other Tips: VRAM Usage"),
 )
 LOWVRAM_LEFT_OUT: dict[str, str] = {
-    "optimizer_type=AdamW8bit": "the B-LoRA adapter is small (rank 64: 28 M parameters, 225 MB of AdamW states), so "
-                                "8-bit states would save under 0.2 GB and change the paper's optimizer",
-    "full_bf16": "bf16 gradients for a 28 M-parameter adapter save little, and sd-scripts warns it may be unstable",
+    "optimizer_type=AdamW8bit": "the B-LoRA adapter is small ({params} parameters at rank {rank}: {adamw} of AdamW "
+                                "states), so 8-bit states would save {saved} and change the paper's optimizer",
+    "full_bf16": "bf16 gradients for a {params}-parameter adapter save little, and sd-scripts warns it may be unstable",
     "lowram": "it is for machines with more VRAM than RAM (it loads models to the GPU), the opposite case",
 }
+"""Memory savers sd-scripts' docs list that --lowvram does not add, and why (filled from the plan)."""
 
 
 @dataclass
@@ -91,6 +92,7 @@ class RecipeResult:
     steps: int
     num_repeats: int
     lowvram: list[dict]
+    lowvram_left_out: dict[str, str]
     scan: dict
     notes: list[str] = field(default_factory=list)
 
@@ -289,8 +291,16 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
     return RecipeResult(
         training_config=str(train_path), dataset_config=str(data_path), command=command, name=name,
         preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats,
-        lowvram=[asdict(o) for o in LOWVRAM] if lowvram else [], scan=asdict(scan), notes=_notes(scan, model),
+        lowvram=[asdict(o) for o in LOWVRAM] if lowvram else [],
+        lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=asdict(scan), notes=_notes(scan, model),
     )
+
+
+def _left_out(resolved, rank: int) -> dict[str, str]:
+    adamw, adamw8 = resolved.optimizer_bytes["adamw_states"], resolved.optimizer_bytes["adamw8bit_states"]
+    values = dict(params=f"{resolved.params / 1e6:.0f} M", rank=rank, adamw=f"{adamw / 2**20:.0f} MiB",
+                  saved=f"{(adamw - adamw8) / 2**20:.0f} MiB")
+    return {k: why.format(**values) for k, why in LOWVRAM_LEFT_OUT.items()}
 
 
 def _quote(path: Path) -> str:
@@ -347,8 +357,7 @@ def run(args) -> tuple[RecipeResult, list[str]]:
                  "covers the run)")
     for o in result.lowvram:
         lines.append(f"--lowvram: {o['key']} = {str(o['value']).lower()}: {o['why']} (sd-scripts {o['source']})")
-    if result.lowvram:
-        lines += [f"--lowvram leaves out {k}: {why}" for k, why in LOWVRAM_LEFT_OUT.items()]
+    lines += [f"--lowvram leaves out {k}: {why}" for k, why in result.lowvram_left_out.items()]
     lines += ["run it from your sd-scripts folder:", f"  {result.command}",
               "options given after it override the file, e.g. --max_train_steps 1500 --learning_rate 4e-5"]
     return result, lines

@@ -123,8 +123,9 @@ def _validated(values: dict, kwargs: dict[str, str], report: CheckReport):
     from .network import network_options
 
     dim, alpha = values.get("network_dim"), values.get("network_alpha", 1.0)
+    dropout = values.get("network_dropout")  # sd-scripts passes it as neuron_dropout
     try:
-        preset, options = network_options(dim, alpha, **kwargs)
+        preset, options = network_options(dim, alpha, dropout, **kwargs)
         _build_on_sdxl(preset, options)
         return preset, options
     except BLoraError as e:
@@ -134,7 +135,7 @@ def _validated(values: dict, kwargs: dict[str, str], report: CheckReport):
         return None
     rest = {k: v for k, v in kwargs.items() if k != "preset"}
     try:
-        preset, options = network_options(dim, alpha, **rest)
+        preset, options = network_options(dim, alpha, dropout, **rest)
         _build_on_sdxl(preset, options)
         return preset, options
     except BLoraError as e:
@@ -308,14 +309,13 @@ def check_command_line(argv) -> CheckReport:
 # -- the subcommand ---------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
-    p.add_argument("config", nargs="?", metavar="CONFIG.toml", help="an sd-scripts training config (--config_file)")
-    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- ARGS",
-                   help="or, after --, the sd-scripts command line (accelerate launch sdxl_train_network.py ... "
-                        "or just its options)")
+    p.add_argument("words", nargs="*", metavar="CONFIG.toml | -- ARGS",
+                   help="an sd-scripts training config (--config_file), or after -- the sd-scripts command line "
+                        "(accelerate launch sdxl_train_network.py ... or just its options)")
 
 
 def run(args) -> tuple[CheckReport, list[str]]:
-    words = ([args.config] if args.config else []) + [w for w in args.command_line if w != "--"]
+    words = [w for w in args.words if w != "--"]
     if not words:
         raise BLoraError("nothing to check: give CONFIG.toml, or -- followed by the sd-scripts command line")
     if len(words) == 1 and not words[0].startswith("-"):

@@ -199,10 +199,19 @@ def _convert(arg: SdArg, text: str) -> Any:
     return text
 
 
+def _script_options(words: list[str]) -> list[str]:
+    """The script's options: without ``accelerate launch [its options] script.py`` or ``python script.py``."""
+    if words and (words[0] in ("accelerate", "python", "python3") or words[0].endswith(".py")):
+        script = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+        if script is not None:
+            return words[script + 1:]
+    return words
+
+
 def parse_command_line(argv: Sequence[str]) -> TrainingArgs:
     """sd-scripts' view of ``accelerate launch sdxl_train_network.py ARGS``: the ``--config_file``
     values first, the command line over them (as ``read_config_from_file`` does)."""
-    words = [w for w in argv if w not in ("accelerate", "launch") and not w.endswith(".py")]
+    words = _script_options(list(argv))
     parser = _parser()
 
     def fail(message: str):

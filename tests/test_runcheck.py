@@ -89,6 +89,7 @@ CASES = [
     ("flag-as-string", dict(gradient_checkpointing="true"), "error", ("gradient_checkpointing = 'true'",)),
     ("precision-choice", dict(mixed_precision="bfloat16"), "error", ("'bfloat16': sd-scripts accepts",)),
     ("fp32", dict(mixed_precision=None), "warning", ("mixed_precision: not set (fp32)",)),
+    ("network-dropout-range", dict(network_dropout=1.0), "error", ("dropout=1: must be in [0, 1)",)),
     ("text-encoder-only", dict(network_train_text_encoder_only=True), "error", ("nothing is trained",)),
     ("misspelt-key", dict(network_modul="blora_network"), "warning", ("did you mean network_module?",)),
 ]
@@ -136,7 +137,8 @@ def test_check_rejects_exactly_what_create_network_rejects(tmp_path, kwargs):
 
 def test_command_line_form_and_overrides(tmp_path):
     config = write(tmp_path)
-    report = check_command_line(["accelerate", "launch", "sdxl_train_network.py", "--config_file", str(config),
+    report = check_command_line(["accelerate", "launch", "--num_cpu_threads_per_process", "1", "sdxl_train_network.py",
+                                 "--config_file", str(config),
                                  "--learning_rate", "1e-4", "--network_args", "preset=style", "alpha=32",
                                  "--output_dir", "elsewhere", "--xformers"])
     assert report.network_kwargs == {"preset": "style", "alpha": "32"}  # the command line replaces the file's list
@@ -169,6 +171,7 @@ def test_cli_exit_status_lines_and_json(tmp_path, capsys):
     assert cli_main(["check", "--json", "--", "--config_file", str(bad), "--learning_rate", "5e-5"]) == 1
     doc = json.loads(capsys.readouterr().out)
     assert doc["errors"] == 1 and doc["warnings"] == 0 and doc["exit_status"] == 1
+    assert cli_main(["check", str(good), "--json"]) == 0 and json.loads(capsys.readouterr().out)["findings"] == []
 
 
 def test_option_kinds_agree_with_the_derived_schema():
