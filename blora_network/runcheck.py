@@ -12,17 +12,15 @@ or warnings (it runs, but not as B-LoRA trains best).
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from .errors import BLoraError
 from .recipe import PAPER
-from .sdscripts import SD_ARGS, TrainingArgs, config_args, parse_command_line, read_toml, split_network_arg, \
-    type_problem, unknown_keys
+from .sdscripts import TrainingArgs, config_args, parse_command_line, read_toml, split_network_arg, type_problem, \
+    unknown_keys
 
 __all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_command_line", "add_arguments", "run"]
 

@@ -34,8 +34,9 @@ import toml
 
 from .errors import BLoraError
 
-__all__ = ["SdArg", "SD_ARGS", "IMAGE_EXTENSIONS", "SDXL_SCRIPT", "read_training_config", "parse_command_line",
-           "split_network_arg", "type_problem", "TrainingArgs"]
+__all__ = ["SdArg", "SD_ARGS", "IMAGE_EXTENSIONS", "SDXL_SCRIPT", "REAL_NEIGHBOURS", "TrainingArgs", "read_toml",
+           "read_training_config", "parse_command_line", "config_args", "split_network_arg", "type_problem",
+           "close_option", "unknown_keys"]
 
 SDXL_SCRIPT = "sdxl_train_network.py"
 

@@ -17,7 +17,7 @@ import re
 import pytest
 
 from blora_network.blocks import BLOCKS
-from blora_network.blockweights import LBW_SDXL_BLOCKS, block_weight_vectors, inspire_blocks, lbw_slot
+from blora_network.blockweights import LBW_SDXL_BLOCKS, inspire_blocks, lbw_slot
 from blora_network.cli import main as cli_main
 from blora_network.inspection import inspect
 from blora_network.sdxl_unet import TINY

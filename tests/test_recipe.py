@@ -120,6 +120,9 @@ def test_lowvram_options_exist_in_sd_scripts_and_are_explained(good, tmp_path, c
         assert f"--lowvram: {option.key} = true" in text and option.source in text
     assert (values["network_dim"], values["network_alpha"], values["network_args"]) == (32, 32.0, ["preset=style"])
     assert "leaves out optimizer_type=AdamW8bit" in text
+    from blora_network.runcheck import check_config
+
+    assert check_config(tmp_path / "out" / "ink.toml").findings == []  # check finds nothing wrong with a recipe
 
 
 def test_existing_files_need_force_and_json_is_one_document(good, tmp_path, capsys):
