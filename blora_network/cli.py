@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from . import __version__, demo
+from . import __version__, demo, recipe, runcheck
 from .argtypes import positive_int, roles, weight
 from .blocks import BLOCKS, ROLES, lookup_block
 from .errors import BLoraError
@@ -182,6 +182,7 @@ def _run_inspect(args) -> Output:
     if rep.training:
         lines.append(_printable("training: " + "; ".join(f"{k} {v}" for k, v in rep.training.items() if k != "network args")))
     lines += [_printable(f"warning: {w}") for w in rep.warnings]
+    lines += [f"block weights, {v.name}: A1111/Forge lbw={v.lbw}  ComfyUI Inspire {v.inspire}" for v in rep.block_weights]
     return rep, lines
 
 
@@ -426,6 +427,27 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "  blora-network convert blora_kohya.safetensors --to diffusers -o blora_diffusers.safetensors",
         _add_convert, _run_convert),
     Subcommand("demo", demo.HELP, demo.DESCRIPTION, demo.EXAMPLE, demo.add_arguments, demo.run),
+    Subcommand(
+        "recipe", "a folder of images -> the paper's sd-scripts run (training + dataset config, command)",
+        "Check IMAGES as sd-scripts will read them (images, sizes below 1024 px, caption files and the trigger "
+        "token, files it would stop on), then write OUT_DIR/NAME.toml (--config_file: the B-LoRA recipe: "
+        "blora_network, rank 64 = alpha, UNet only, AdamW 5e-5 constant, 1000 steps, batch 1, 1024 px, bf16, "
+        "gradient checkpointing, cached latents) and OUT_DIR/NAME_dataset.toml (--dataset_config), and print "
+        "the accelerate launch line. --lowvram adds sd-scripts' memory savers for a 12 GB card.",
+        "  blora-network recipe photos/ --model sd_xl_base_1.0.safetensors -o runs/dog --token \"A [v]\"\n"
+        "  blora-network recipe photos/ --model sd_xl_base_1.0.safetensors -o runs/dog --preset style --lowvram",
+        recipe.add_arguments, recipe.run),
+    Subcommand(
+        "check", "name every B-LoRA mistake in an sd-scripts config or command line, before the run",
+        "Read an sd-scripts training config (--config_file TOML) or, after --, its command line, and report "
+        "every B-LoRA mistake: network_module, alpha= different from dim, text-encoder training, a learning "
+        "rate far from the recipe, a resolution that is not SDXL's, a preset that does not resolve, "
+        "network_args the network would reject at step 0 (it runs the network's own validation on SDXL's "
+        "layer names), values sd-scripts would stop on. Exit 1 when the run would fail, 0 otherwise.",
+        "  blora-network check runs/dog/dog.toml\n"
+        "  blora-network check -- --config_file runs/dog/dog.toml --learning_rate 1e-4\n"
+        "  blora-network check --json -- accelerate launch sdxl_train_network.py --network_module blora_network ...",
+        runcheck.add_arguments, runcheck.run),
 )
 
 
@@ -522,12 +544,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 3
         print(_to_json(data) if as_json else "\n".join(lines))
         sys.stdout.flush()
+        return int(getattr(data, "exit_status", 0))  # check: 1 when the run it read would fail
     except BrokenPipeError:  # `blora-network ... | head`: the reader has all it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return 0
-    return 0
 
 
 def _one_line(e: BaseException) -> str:

@@ -17,6 +17,7 @@ import torch
 
 from .algos import all_finite, effective_alpha, alpha_value
 from .blocks import BLOCKS, ROLES
+from .blockweights import BlockWeights, block_weight_vectors
 from .lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
 from .measure import Progress, layer_norm_sq
 from .metadata import KEY_PRESET, KEY_WEIGHTS
@@ -59,6 +60,8 @@ class InspectReport:
     modules: int
     tensors: int
     nonfinite_tensors: list[str] = field(default_factory=list)
+    block_weights: list[BlockWeights] = field(default_factory=list)
+    """Vectors for A1111/Forge LoRA Block Weight and ComfyUI Inspire Pack: content only, style only, both."""
 
 
 TRAINING_KEYS = (
@@ -130,6 +133,7 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
         modules=len(lora.layers),
         tensors=sum(len(m.keys) for m in lora.layers.values()) + len(lora.unparsed),
         nonfinite_tensors=nonfinite,
+        block_weights=block_weight_vectors(lora.roles(), [m.block for m in lora.layers.values()]),
     )
 
 

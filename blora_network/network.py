@@ -39,7 +39,7 @@ from .presets import Preset, load_preset
 from .safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
 from .sdxl_names import kohya_module_name, text_encoder_index
 
-__all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "TEXT_ENCODER_ATTENTION_CLASSES"]
+__all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "network_options", "TEXT_ENCODER_ATTENTION_CLASSES"]
 
 logger = logging.getLogger("blora_network")
 
@@ -381,17 +381,9 @@ def _warn_alpha(options: NetworkOptions, network_alpha: Any) -> None:
         )
 
 
-def create_network(
-    multiplier,
-    network_dim,
-    network_alpha,
-    vae,
-    text_encoder,
-    unet,
-    neuron_dropout=None,
-    **kwargs,
-) -> BLoRANetwork:
-    """sd-scripts' entry point: ``--network_module=blora_network --network_args preset=...``."""
+def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -> tuple[Preset, NetworkOptions]:
+    """The preset and typed options ``create_network`` would use, or the error it would raise
+    before touching the model (``blora-network check`` runs this too)."""
     raw_preset = kwargs.get("preset")
     preset = load_preset(str(raw_preset) if raw_preset is not None else None)
     if neuron_dropout is not None and kwargs.get("dropout") is None:
@@ -403,6 +395,21 @@ def create_network(
             f"preset {preset.name!r} ({preset.source}) has no UNet targets and text-encoder training is off "
             "(B-LoRA is UNet-only by default): add unet_target_name patterns, or train_text_encoder=true"
         )
+    return preset, options
+
+
+def create_network(
+    multiplier,
+    network_dim,
+    network_alpha,
+    vae,
+    text_encoder,
+    unet,
+    neuron_dropout=None,
+    **kwargs,
+) -> BLoRANetwork:
+    """sd-scripts' entry point: ``--network_module=blora_network --network_args preset=...``."""
+    preset, options = network_options(network_dim, network_alpha, neuron_dropout, **kwargs)
     _warn_alpha(options, network_alpha)
     network = BLoRANetwork(text_encoder, unet, preset=preset, options=options, multiplier=float(multiplier))
     summary = network.block_summary()

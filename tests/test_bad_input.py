@@ -134,6 +134,19 @@ def unwritable_folder(tmp: Path) -> Path:
     pytest.skip("no unwritable folder available here (root with writable kernel filesystems)")
 
 
+def image_folder(tmp: Path, images: list[str], text_as: str = "") -> Path:
+    """A folder of 1024x1024 PNGs (and a text file named like an image)."""
+    from PIL import Image
+
+    folder = tmp / "photos"
+    folder.mkdir()
+    for name in images:
+        Image.new("RGB", (1024, 1024)).save(folder / name)
+    if text_as:
+        (folder / text_as).write_text("not an image, just notes")
+    return folder
+
+
 def cli(*argv) -> int:
     return cli_main([str(a) for a in argv])
 
@@ -278,6 +291,29 @@ CASES = [
     Case("cli-demo-device-gpu", lambda tmp, f: cli("demo", "--device", "gpu", "-o", tmp / "x.safetensors"), 1,
          ("--device gpu: not a device name", "the devices here are: cpu")),
     Case("cli-demo-existing-output", lambda tmp, f: cli("demo", "-o", f), 1, ("already exists; pass --force",)),
+    # recipe: the image folder and the files it would write
+    Case("cli-recipe-missing-folder", lambda tmp, f: cli("recipe", tmp / "photos", "--model", "m", "-o", tmp / "run"), 1,
+         ("image folder {tmp}/photos does not exist",)),
+    Case("cli-recipe-folder-is-a-file", lambda tmp, f: cli("recipe", f, "--model", "m", "-o", tmp / "run"), 1,
+         ("blora.safetensors is a file; give the folder",)),
+    Case("cli-recipe-no-images", lambda tmp, f: cli("recipe", image_folder(tmp, []), "--model", "m", "-o", tmp / "run"), 1,
+         ("no image sd-scripts reads", "nothing was written")),
+    Case("cli-recipe-text-named-png",
+         lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"], text_as="fake.png"), "--model", "m", "-o", tmp / "run"), 1,
+         ("sd-scripts would stop on 1 file(s): fake.png (not an image", "nothing was written")),
+    Case("cli-recipe-bad-name", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model", "m", "-o", tmp / "run",
+                                                   "--name", "my run"), 1, ("--name 'my run'", "letters, digits")),
+    Case("cli-recipe-bad-preset", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model", "m", "-o", tmp / "run",
+                                                     "--preset", "contnet"), 1, ("unknown preset 'contnet'",)),
+    Case("cli-recipe-zero-steps", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model", "m", "-o", tmp / "run",
+                                                     "--steps", "0"), 1, ("--steps and --rank must be at least 1",)),
+    # check: a config it cannot read
+    Case("cli-check-missing-config", lambda tmp, f: cli("check", tmp / "run.toml"), 1, ("training config {tmp}/run.toml not found",)),
+    Case("cli-check-toml-syntax", lambda tmp, f: cli("check", preset_file(tmp, "network_dim = 64\nnetwork_alpha = = 1\n", "run.toml")),
+         1, ("{tmp}/run.toml:2", "TOML syntax error")),
+    Case("cli-check-missing-dataset-config-in-command-line",
+         lambda tmp, f: cli("check", "--", "--config_file", tmp / "nope.toml"), 1, ("{tmp}/nope.toml not found",)),
+    Case("cli-check-nothing", lambda tmp, f: cli("check"), 1, ("nothing to check",)),
 ]
 
 

@@ -1,0 +1,363 @@
+"""``recipe``: a folder of images -> the paper's sd-scripts run, as two config files and one command.
+
+Writes ``NAME.toml`` (for ``--config_file``: every value of the B-LoRA recipe) and
+``NAME_dataset.toml`` (for ``--dataset_config``: the image folder with its captions), after
+checking the folder the way sd-scripts will read it (:mod:`blora_network.images`). Resolution
+and batch size go in the training config, not the dataset config, so that a command-line
+``--resolution`` or ``--train_batch_size`` still overrides them (sd-scripts takes a dataset
+config's value over the command line's).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import toml
+
+from .errors import BLoraError
+from .images import SDXL_PIXELS, ImageScan, scan_images
+from .sdscripts import SDXL_SCRIPT
+
+__all__ = ["Recipe", "PAPER", "LowVramOption", "LOWVRAM", "LOWVRAM_LEFT_OUT", "RecipeResult", "write_recipe",
+           "training_config", "dataset_config", "add_arguments", "run"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The B-LoRA paper's training recipe (Frenkel et al., ECCV 2024), as sd-scripts options."""
+
+    dim: int = 64
+    learning_rate: float = 5e-5
+    steps: int = 1000
+    batch_size: int = 1
+    resolution: int = 1024
+    optimizer_type: str = "AdamW"
+    optimizer_args: tuple[str, ...] = ("weight_decay=1e-4", "betas=0.9,0.999", "eps=1e-8")
+    lr_scheduler: str = "constant"
+    precision: str = "bf16"
+    token: str = "A [v]"
+    """The prompt the paper trains with: the trigger token."""
+
+
+PAPER = Recipe()
+
+
+@dataclass(frozen=True)
+class LowVramOption:
+    key: str
+    value: Any
+    why: str
+    source: str
+    """The sd-scripts document that recommends it."""
+
+
+# From sd-scripts' own documents (main 48d368f): docs/train_network_advanced.md "Other Tips: VRAM
+# Usage" lists mixed precision, gradient checkpointing, cache_latents / cache_text_encoder_outputs,
+# 8-bit optimizers, full_bf16 and fp8_base; docs/sdxl_train_network.md describes
+# --cache_text_encoder_outputs; docs/train_network.md describes --sdpa. The recipe already has
+# bf16, gradient checkpointing, cached latents and UNet-only; --lowvram adds the three below.
+LOWVRAM: tuple[LowVramOption, ...] = (
+    LowVramOption("cache_text_encoder_outputs", True,
+                  "the two text encoders run once before training and leave the GPU (B-LoRA does not train them)",
+                  "docs/sdxl_train_network.md, --cache_text_encoder_outputs"),
+    LowVramOption("sdpa", True, "PyTorch's scaled-dot-product attention: less memory for attention at 1024 px",
+                  "docs/train_network.md, --sdpa"),
+    LowVramOption("fp8_base", True,
+                  "the frozen UNet is held in fp8, about 2.6 GB instead of 5.1 GB in bf16 (sd-scripts calls it "
+                  "experimental; blora_network's default bypass mode works with it)",
+                  "docs/train_network_advanced.md, Other Tips: VRAM Usage"),
+)
+LOWVRAM_LEFT_OUT: dict[str, str] = {
+    "optimizer_type=AdamW8bit": "the B-LoRA adapter is small ({params} parameters at rank {rank}: {adamw} of AdamW "
+                                "states), so 8-bit states would save {saved} and change the paper's optimizer",
+    "full_bf16": "bf16 gradients for a {params}-parameter adapter save little, and sd-scripts warns it may be unstable",
+    "lowram": "it is for machines with more VRAM than RAM (it loads models to the GPU), the opposite case",
+}
+"""Memory savers sd-scripts' docs list that --lowvram does not add, and why (filled from the plan)."""
+
+
+@dataclass
+class RecipeResult:
+    training_config: str
+    dataset_config: str
+    command: str
+    name: str
+    preset: str
+    rank: int
+    steps: int
+    num_repeats: int
+    lowvram: list[dict]
+    lowvram_left_out: dict[str, str]
+    scan: dict
+    notes: list[str] = field(default_factory=list)
+
+
+def _name_from(folder: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", folder.resolve().name).strip("._")
+    return name or "blora"
+
+
+def _preset_arg(preset: str) -> str:
+    """A built-in name as it is; a preset file as an absolute path (sd-scripts runs from its own folder)."""
+    from .presets import builtin_names
+
+    if preset in builtin_names():
+        return preset
+    return str(Path(preset).expanduser().resolve())
+
+
+def training_config(*, model: str, out_dir: Path, name: str, preset: str, rank: int, steps: int,
+                    lowvram: bool, recipe: Recipe = PAPER) -> dict[str, dict[str, Any]]:
+    """The ``--config_file`` tables; read_config_from_file lifts each key out of its table."""
+    training: dict[str, Any] = {
+        "max_train_steps": steps,
+        "train_batch_size": recipe.batch_size,
+        "resolution": f"{recipe.resolution},{recipe.resolution}",
+        "mixed_precision": recipe.precision,
+        "gradient_checkpointing": True,
+        "cache_latents": True,
+    }
+    if lowvram:
+        training.update({o.key: o.value for o in LOWVRAM})
+    return {
+        "model": {"pretrained_model_name_or_path": model},
+        "network": {
+            "network_module": "blora_network",
+            "network_args": [f"preset={preset}"],
+            "network_dim": rank,
+            "network_alpha": float(rank),
+            "network_train_unet_only": True,
+        },
+        "optimizer": {
+            "optimizer_type": recipe.optimizer_type,
+            "optimizer_args": list(recipe.optimizer_args),
+            "learning_rate": recipe.learning_rate,
+            "lr_scheduler": recipe.lr_scheduler,
+        },
+        "training": training,
+        "saving": {
+            "output_dir": str(out_dir),
+            "output_name": name,
+            "save_model_as": "safetensors",
+            "save_precision": recipe.precision,
+        },
+    }
+
+
+def dataset_config(scan: ImageScan, *, token: str, num_repeats: int) -> dict[str, Any]:
+    """The ``--dataset_config`` document: one DreamBooth subset for the image folder."""
+    return {
+        "general": {
+            "caption_extension": scan.caption_extension,
+            "enable_bucket": True,
+            "min_bucket_reso": 512,
+            "max_bucket_reso": 2048,
+            "bucket_reso_steps": 64,
+        },
+        "datasets": [{"subsets": [{"image_dir": scan.folder, "class_tokens": token, "num_repeats": num_repeats}]}],
+    }
+
+
+_COMMENTS = {
+    "network_module": "B-LoRA: LoRA on the content/style attention blocks only",
+    "network_alpha": "alpha = dim: scale 1, as the paper",
+    "network_train_unet_only": "B-LoRA trains the UNet only",
+    "learning_rate": "the paper's rate; whole-UNet LoRA rates (1e-4 and up) overshoot here",
+    "resolution": "SDXL's native size",
+    "mixed_precision": "bf16 needs an RTX 30xx / A100 or newer; use fp16 with --no_half_vae otherwise",
+}
+
+
+def toml_value(value: Any) -> str:
+    """A TOML literal for a config value. Strings are written here, not by the ``toml`` package,
+    whose writer turns a Windows path's ``\\x`` into an escape that does not read back."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        if "'" not in value and not any(ord(c) < 32 or ord(c) == 127 for c in value):
+            return f"'{value}'"  # a literal string: backslashes stay backslashes
+        return json.dumps(value, ensure_ascii=False)  # JSON's escapes are TOML basic-string escapes
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {type(value).__name__}")
+
+
+def _table_lines(name: str, values: dict[str, Any], comments: dict[str, str], array: bool = False) -> list[str]:
+    lines = ["", f"[[{name}]]" if array else f"[{name}]"]
+    nested = []
+    for key, value in values.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            nested += [line for item in value for line in _table_lines(f"{name}.{key}", item, comments, array=True)]
+            continue
+        line = f"{key} = {toml_value(value)}"
+        lines.append(f"{line}  # {comments[key]}" if key in comments else line)
+    return lines + nested
+
+
+def _toml_text(tables: dict[str, Any], header: str, comments: dict[str, str]) -> str:
+    """The document as TOML text with comments; read back with ``toml`` (what sd-scripts uses) to be sure."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for name, values in tables.items():
+        items = values if isinstance(values, list) else [values]
+        for item in items:
+            lines += _table_lines(name, item, comments, array=isinstance(values, list))
+    text = "\n".join(lines) + "\n"
+    if toml.loads(text) != tables:  # pragma: no cover - a bug of ours, never a file sd-scripts misreads
+        raise BLoraError("internal error: the TOML written does not read back as written; please report it")
+    return text
+
+
+def _write_text(path: Path, text: str) -> None:
+    from .safefile import atomic_target
+
+    with atomic_target(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def _refuse_problems(scan: ImageScan) -> None:
+    if scan.problems:
+        raise BLoraError(
+            f"{scan.folder}: sd-scripts would stop on {len(scan.problems)} file(s): {'; '.join(scan.problems)}; "
+            "fix them or move them out of the folder; nothing was written"
+        )
+    if not scan.usable:
+        raise BLoraError(
+            f"{scan.folder}: no image sd-scripts reads (it looks for {', '.join(sorted({'.png', '.jpg', '.jpeg', '.webp', '.bmp'}))}); "
+            "B-LoRA needs one image or more; nothing was written"
+        )
+
+
+def _outputs(out_dir: Path, name: str, force: bool) -> tuple[Path, Path]:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BLoraError(f"-o {out_dir}: is a file; give a folder for the config files")
+    train, data = out_dir / f"{name}.toml", out_dir / f"{name}_dataset.toml"
+    for p in (train, data):
+        if p.exists() and not force:
+            raise BLoraError(f"{p}: already exists; pass --force to replace it, or choose another --name; nothing was written")
+    return train, data
+
+
+def _notes(scan: ImageScan, model: str) -> list[str]:
+    notes = [f"{Path(i.file).name}: {i.width}x{i.height} ({i.width * i.height / 1e6:.2f} MP) is below SDXL's "
+             f"1024x1024 px: sd-scripts upscales it to about {SDXL_PIXELS / 1e6:.2f} MP, and the blur is learned as "
+             "part of the style; use a larger image if you have one" for i in scan.small]
+    notes += [f"{Path(i.file).name}: no caption file {Path(i.file).stem}{scan.caption_extension}: it is trained with "
+              f"the caption {scan.token!r} (class_tokens)" for i in scan.missing_captions]
+    notes += [f"{Path(i.caption_file).name}: the caption {i.caption!r} does not contain the trigger token "
+              f"{scan.token!r}; the B-LoRA will not answer to it" for i in scan.without_token]
+    notes += [f"ignored by sd-scripts: {x}" for x in scan.ignored]
+    if not Path(model).expanduser().exists():
+        notes.append(f"--model {model}: not found on this machine; the config names it as given (fine if sd-scripts "
+                     "runs elsewhere)")
+    return notes
+
+
+def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, preset: str = "content_style",
+                 token: str = PAPER.token, steps: int = PAPER.steps, rank: int = PAPER.dim, lowvram: bool = False,
+                 caption_extension: Optional[str] = None, force: bool = False) -> RecipeResult:
+    """Check ``images``, then write the training and dataset configs; nothing is written on a problem."""
+    from .plan import plan
+
+    if not token.strip():
+        raise BLoraError("--token is empty: give the trigger token, e.g. --token \"A [v]\"")
+    resolved_preset = plan(preset, rank)  # refuses a preset that does not load or selects nothing, as training would
+    scan = scan_images(images, token=token, caption_extension=caption_extension)
+    _refuse_problems(scan)
+    out = Path(out_dir).expanduser().resolve()
+    name = name or _name_from(Path(scan.folder))
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise BLoraError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (it becomes file names)")
+    train_path, data_path = _outputs(out, name, force)
+    model_path = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
+    num_repeats = max(1, math.ceil(steps / len(scan.usable)))  # one epoch covers the run: no per-epoch overhead
+    train = training_config(model=model_path, out_dir=out, name=name, preset=_preset_arg(preset), rank=rank,
+                            steps=steps, lowvram=lowvram)
+    data = dataset_config(scan, token=token, num_repeats=num_repeats)
+    comments = {**_COMMENTS, **{o.key: f"--lowvram: {o.why} ({o.source})" for o in LOWVRAM}}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(train_path, _toml_text(train, f"B-LoRA training config for sd-scripts' {SDXL_SCRIPT} --config_file\n"
+                                              "written by blora-network recipe; command-line options given after "
+                                              "--config_file override these values", comments))
+    _write_text(data_path, _toml_text(data, f"B-LoRA dataset config for --dataset_config: {len(scan.usable)} image(s) "
+                                            f"in {scan.folder}", {}))
+    command = f"accelerate launch {SDXL_SCRIPT} --config_file {_quote(train_path)} --dataset_config {_quote(data_path)}"
+    return RecipeResult(
+        training_config=str(train_path), dataset_config=str(data_path), command=command, name=name,
+        preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats,
+        lowvram=[asdict(o) for o in LOWVRAM] if lowvram else [],
+        lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=asdict(scan), notes=_notes(scan, model),
+    )
+
+
+def _left_out(resolved, rank: int) -> dict[str, str]:
+    adamw, adamw8 = resolved.optimizer_bytes["adamw_states"], resolved.optimizer_bytes["adamw8bit_states"]
+    values = dict(params=f"{resolved.params / 1e6:.0f} M", rank=rank, adamw=f"{adamw / 2**20:.0f} MiB",
+                  saved=f"{(adamw - adamw8) / 2**20:.0f} MiB")
+    return {k: why.format(**values) for k, why in LOWVRAM_LEFT_OUT.items()}
+
+
+def _quote(path: Path) -> str:
+    text = str(path)
+    return f'"{text}"' if re.search(r"[^A-Za-z0-9_./:\\-]", text) else text
+
+
+# -- the subcommand ---------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("images", metavar="IMAGES", help="folder of training images (one is enough for B-LoRA), with "
+                                                    "optional caption files NAME.txt")
+    p.add_argument("--model", required=True, metavar="SDXL.safetensors", help="the SDXL base checkpoint to train on")
+    p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR",
+                   help="folder for NAME.toml and NAME_dataset.toml (created if missing); the LoRA is saved there too")
+    p.add_argument("--name", help="name of the run and of the files (default: the image folder's name)")
+    p.add_argument("--preset", default="content_style", help="built-in preset or a preset TOML (default content_style)")
+    p.add_argument("--token", default=PAPER.token, help=f"trigger token, the caption of an image without a caption "
+                                                         f"file (default {PAPER.token!r}, the paper's)")
+    p.add_argument("--steps", type=int, default=PAPER.steps, help=f"training steps (default {PAPER.steps})")
+    p.add_argument("--rank", type=int, default=PAPER.dim, help=f"LoRA rank; alpha = rank (default {PAPER.dim})")
+    p.add_argument("--caption-extension", metavar="EXT", help="caption file extension (default: .txt, or .caption "
+                                                              "if the folder uses it)")
+    p.add_argument("--lowvram", action="store_true", help="add sd-scripts' memory savers for a 12 GB card")
+    p.add_argument("--force", action="store_true", help="replace existing config files")
+
+
+def _scan_lines(result: RecipeResult) -> list[str]:
+    scan = result.scan
+    images = [i for i in scan["images"] if i["problem"] is None]
+    captions = sum(1 for i in images if i["caption_file"])
+    sizes = sorted({f"{i['width']}x{i['height']}" for i in images})
+    shown = ", ".join(sizes[:6]) + (f" and {len(sizes) - 6} more sizes" if len(sizes) > 6 else "")
+    lines = [f"{scan['folder']}: {len(images)} image(s) ({shown}), {captions} with a caption file "
+             f"({scan['caption_extension']}), trigger token {scan['token']!r}"]
+    for i in images:
+        token = "with" if i["has_token"] else "WITHOUT"
+        cap = (f"caption {i['caption']!r} ({token} the token)" if i["caption_file"] else
+               f"no caption file (caption {scan['token']!r} from class_tokens)")
+        lines.append(f"  {Path(i['file']).name}: {i['width']}x{i['height']}, {cap}")
+    return lines
+
+
+def run(args) -> tuple[RecipeResult, list[str]]:
+    if args.steps < 1 or args.rank < 1:
+        raise BLoraError(f"--steps and --rank must be at least 1 (got --steps {args.steps}, --rank {args.rank})")
+    result = write_recipe(args.images, model=args.model, out_dir=args.out_dir, name=args.name, preset=args.preset,
+                          token=args.token, steps=args.steps, rank=args.rank, lowvram=args.lowvram,
+                          caption_extension=args.caption_extension, force=args.force)
+    lines = _scan_lines(result) + [f"note: {n}" for n in result.notes]
+    lines.append(f"wrote {result.training_config} (training config: preset {result.preset}, rank {result.rank}, alpha "
+                 f"{result.rank}, AdamW lr {PAPER.learning_rate:g} constant, {result.steps} steps, batch 1, 1024 px, bf16)")
+    lines.append(f"wrote {result.dataset_config} (dataset config: {result.num_repeats} repeats per image, so one epoch "
+                 "covers the run)")
+    for o in result.lowvram:
+        lines.append(f"--lowvram: {o['key']} = {str(o['value']).lower()}: {o['why']} (sd-scripts {o['source']})")
+    lines += [f"--lowvram leaves out {k}: {why}" for k, why in result.lowvram_left_out.items()]
+    lines += ["run it from your sd-scripts folder:", f"  {result.command}",
+              "options given after it override the file, e.g. --max_train_steps 1500 --learning_rate 4e-5"]
+    return result, lines
