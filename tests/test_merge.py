@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import blora_network
+from blora_network.errors import NetworkArgsError
 from blora_network.merge import WeightBackup, merged_weight, module_algo
+from blora_network.network import _lokr_bypass_leaves_out_scale
 from blora_network.sdxl_unet import TINY, build_unet, random_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -75,6 +77,8 @@ def _perturb(network, seed=3, scale=0.3):
 
 
 def _network(unet, algo, args, multiplier=0.7, preset="content", **more):
+    if algo == "lokr" and _lokr_bypass_leaves_out_scale():  # lycoris-lora 3.x: refused in bypass mode
+        args = dict(args, bypass_mode="false")               # (test_old_lycoris_lokr_bypass_is_guarded)
     network = blora_network.create_network(multiplier, 4, 1, None, None, unet, preset=preset, algo=algo, **args, **more)
     network.apply_to(None, unet, False, True)
     _perturb(network)
@@ -209,3 +213,20 @@ def test_weight_backup_restores_exactly():
     assert all(torch.equal(m.org_module[0].weight, before[id(m)]) for m in network.loras)
     with pytest.raises(RuntimeError, match="backup_weights"):
         WeightBackup().precalculate(network.loras)
+
+
+def test_old_lycoris_lokr_bypass_is_guarded(tmp_path, batch, base):
+    """lycoris-lora 3.x's LoKr bypass forward leaves out alpha/dim: training refuses it, a rebuilt
+    inference network runs those modules in rebuild mode (right); 4.x needs neither."""
+    make = lambda: blora_network.create_network(1.0, 4, 1, None, None, fresh_unet(), preset="content",  # noqa: E731
+                                                algo="lokr", factor="2", alpha="1")
+    if not _lokr_bypass_leaves_out_scale():
+        assert all(m.bypass_mode for m in make().loras)
+        return
+    with pytest.raises(NetworkArgsError, match="lycoris-lora>=4.0"):
+        make()
+    trained = _network(fresh_unet(), "lokr", {"factor": "2", "alpha": "1"})
+    path = tmp_path / "lokr.safetensors"
+    trained.save_weights(str(path), torch.float32, {})
+    network, _ = blora_network.create_network_from_weights(1.0, str(path), None, None, fresh_unet(), for_inference=True)
+    assert not any(m.bypass_mode for m in network.loras)
