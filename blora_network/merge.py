@@ -18,7 +18,6 @@ bake it in per batch, hook the module out, and put the original weight back afte
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Iterable, Optional
 
 import torch
@@ -26,8 +25,6 @@ import torch
 from .algos import algo_of, delta_weight, layer_shape
 
 __all__ = ["module_algo", "module_delta", "merged_weight", "merge_module", "WeightBackup"]
-
-logger = logging.getLogger("blora_network")
 
 
 def _tensors(lora) -> dict[str, torch.Tensor]:

@@ -97,7 +97,9 @@ class RegionState:
         mask = mask.to(device=t.device, dtype=t.dtype)
         return mask.reshape(1, -1, 1) if t.dim() == 3 else mask
 
-    def cond_rows(self, t: torch.Tensor) -> slice:
+    @property
+    def cond_rows(self) -> slice:
+        """The sub-prompt rows of a text or expanded batch: after ``B`` unconditional rows, ``B * n``."""
         return slice(self.batch_size, self.batch_size * (1 + self.num_sub_prompts))
 
     def expand_query(self, q: torch.Tensor) -> torch.Tensor:
@@ -119,7 +121,7 @@ def _sub_prompt(state: RegionState, x: torch.Tensor, base: Callable, delta: Delt
     if delta is None or x.shape[0] == b:  # the unconditional text batch gets no change
         return out
     rows = torch.arange(x.shape[0], device=x.device)
-    cond = rows[i::n] if text_encoder else rows[state.cond_rows(x)][i::n]
+    cond = rows[i::n] if text_encoder else rows[state.cond_rows][i::n]
     out = out.clone()
     out[cond] += delta(x[cond])
     return out
@@ -136,7 +138,7 @@ def _to_out(state: RegionState, name: str, x: torch.Tensor, base: Callable, delt
             "must cover every cross-attention (blora_network does) and be set up with set_region(..., is_last=True)"
         )
     changes, masks = state.shared[name]
-    x_i = x[state.cond_rows(x)][i::n]
+    x_i = x[state.cond_rows][i::n]
     change = delta(x_i) if delta is not None else None
     if state.is_last:
         changes = torch.zeros((n * b, *x_i.shape[1:]), device=x.device, dtype=x.dtype)

@@ -153,6 +153,7 @@ def test_per_block_alphas_merge_exactly(algo, args, batch, base):
     _check(hooked, merged, base)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES[:7], ids=[c[0] for c in CASES[:7]])
 def test_base_weights_and_network_merge_from_a_file(case, tmp_path, batch, base):
     """sd-scripts' path: a saved file, create_network_from_weights(for_inference=True), merge_to,
