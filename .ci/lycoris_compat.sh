@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PYTHON="${PYTHON:-python}"
 VERSIONS="${LYCORIS_COMPAT_VERSIONS:-3.2.0.post2 3.4.0}"
-TESTS=(tests/test_contract.py tests/test_network.py tests/test_presets.py tests/test_block_settings.py tests/test_versions.py)
+TESTS=(tests/test_contract.py tests/test_network.py tests/test_presets.py tests/test_block_settings.py tests/test_versions.py
+       tests/test_merge.py tests/test_host_calls.py)
 # packaging, not LyCORIS: building a wheel needs the venv's own setuptools/wheel
 DESELECT=(--deselect tests/test_presets.py::test_wheel_ships_the_presets)
 

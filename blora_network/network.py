@@ -11,6 +11,7 @@ users of ``lycoris.kohya`` in the same process see no change.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import os
@@ -31,11 +32,13 @@ except ImportError:  # pragma: no cover - depends on the installed LyCORIS
 
 from .algos import algo_of, effective_alpha, layer_shape, rank_and_alpha
 from .blocks import ROLES, role_of_kohya_name
-from .errors import LoraFileError, NetworkArgsError, PresetError
+from .errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
+from .merge import WeightBackup, merge_module
 from .metadata import LayerRecord, network_dim_alpha, training_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
 from .options import LORAPLUS_KEYS, NetworkOptions, block_algo_map, choose_bypass, lycoris_kwargs, parse_network_args
 from .presets import Preset, load_preset
+from .regions import InferenceHooks, RegionState
 from .safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
 from .sdxl_names import kohya_module_name, text_encoder_index
 
@@ -164,6 +167,7 @@ class BLoRANetwork(LycorisNetworkKohya):
             options.lycoris.get(k) for k in LORAPLUS_KEYS)
         self._drop_blocks({role for role, dim in options.block_dims.items() if dim == 0}
                           | {role for role, lr in options.block_lrs.items() if lr == 0})
+        _guard_lokr(self.text_encoder_loras + self.unet_loras, training=True)
         if check_matches and not self.unet_loras and not self.text_encoder_loras:
             raise PresetError(
                 f"preset {preset.name!r} ({preset.source}) with these network_args trains no module; "
@@ -185,6 +189,7 @@ class BLoRANetwork(LycorisNetworkKohya):
             lora.multiplier = float(multiplier)
             if hasattr(lora, "bypass_mode"):
                 lora.bypass_mode = network.bypass and not getattr(lora, "wd", False)
+        _guard_lokr(network.loras, training=False)
         return network
 
     # -- bookkeeping --------------------------------------------------------------------
@@ -217,7 +222,18 @@ class BLoRANetwork(LycorisNetworkKohya):
 
     # -- the sd-scripts calls -------------------------------------------------------------
     def prepare_network(self, args) -> None:
-        """sd-scripts' hook with the whole argparse Namespace: refuse what would fail at step 1."""
+        """sd-scripts' hook with the whole argparse Namespace: refuse what would fail at step 1.
+
+        It runs before ``accelerator.prepare`` wraps anything, so a refusal costs no model load.
+        """
+        if getattr(args, "deepspeed", False) and int(getattr(args, "zero_stage", 2) or 0) >= 3:
+            raise NetworkArgsError(
+                "--deepspeed --zero_stage 3 cannot train LyCORIS adapters: they replace each adapted layer's "
+                "forward, so ZeRO-3's parameter-gathering hooks (which run in nn.Module.__call__) never fire for "
+                "the adapters' own weights, which stay partitioned and the first step fails. Use --zero_stage 2 "
+                "(it shards the adapters' gradients and optimizer state), 1 or 0; to save memory on the frozen "
+                "UNet use --gradient_checkpointing, --cache_latents or --fp8_base instead"
+            )
         if getattr(args, "fp8_base", False) and not self.bypass:
             raise NetworkArgsError(
                 "--fp8_base needs LyCORIS's bypass mode (rebuild mode cannot multiply fp8 weights); "
@@ -239,7 +255,14 @@ class BLoRANetwork(LycorisNetworkKohya):
         if apply_unet is None:
             apply_unet = True
         self._applied = True
-        return super().apply_to(text_encoder, unwrap_unet(unet), bool(apply_text_encoder), bool(apply_unet))
+        unet = unwrap_unet(unet)
+        hooks = self._inference_hooks if getattr(self, "for_inference", False) else None
+        if hooks is not None:  # before LyCORIS hooks the modules in, so its chain holds our dispatcher
+            hooks.hook_modules(self.text_encoder_loras + self.unet_loras)
+        result = super().apply_to(text_encoder, unet, bool(apply_text_encoder), bool(apply_unet))
+        if hooks is not None and apply_unet:
+            hooks.add_routers(unet, {m.lora_name for m in self.unet_loras})
+        return result
 
     def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, learning_rate=None):
         """One param group per B-LoRA block (``unet content``, ``unet style``, ...).
@@ -328,16 +351,100 @@ class BLoRANetwork(LycorisNetworkKohya):
         return info
 
     def merge_to(self, text_encoder, unet, weights_sd, dtype, device):
-        """``--base_weights`` and image scripts: bake the weights, at this network's multiplier."""
+        """``--base_weights`` and the image scripts' ``--network_merge``: bake each module into its layer.
+
+        Exactly what the forward pass applies, at each module's multiplier (merge.py; LyCORIS's own
+        merge scales LoHa/LoKr by alpha/dim twice). The layers keep their dtype. A network that
+        was hooked in (apply_to) is unhooked afterwards, or its change would count twice.
+        """
         if weights_sd:
             names = {k.split(".", 1)[0] for k in weights_sd}
             self.text_encoder_loras = [m for m in self.text_encoder_loras if m.lora_name in names]
             self.unet_loras = [m for m in self.unet_loras if m.lora_name in names]
         self.loras = self.text_encoder_loras + self.unet_loras
+        algos: dict[str, int] = {}
         for lora in self.loras:
-            lora.to(device=device, dtype=torch.float32)
-            lora.merge_to(lora.multiplier)
-        logger.info("blora_network: merged %d modules", len(self.loras))
+            algo = merge_module(lora, device=device)
+            algos[algo] = algos.get(algo, 0) + 1
+        if getattr(self, "_applied", False):
+            for lora in self.loras:
+                lora.restore()
+            self._applied = False
+        if algos.get("other"):
+            logger.info("blora_network: %d modules of other algorithms merged by LyCORIS itself", algos["other"])
+        logger.info("blora_network: merged %d modules (%s)", len(self.loras),
+                    ", ".join(f"{a} {n}" for a, n in sorted(algos.items())))
+
+    # -- the image scripts' per-batch calls (inference networks) ------------------------------
+    @property
+    def _inference_hooks(self) -> InferenceHooks:
+        hooks = self.__dict__.get("_blora_hooks")
+        if hooks is None:
+            if not getattr(self, "for_inference", False):
+                raise BLoraError(
+                    "blora_network: regional prompts and --network_pre_calc work on networks made by "
+                    "create_network_from_weights(..., for_inference=True), as sd-scripts' image scripts make them"
+                )
+            hooks = self.__dict__["_blora_hooks"] = InferenceHooks()
+        return hooks
+
+    def _weight_backup(self) -> WeightBackup:
+        backup = self.__dict__.get("_blora_backup")
+        if backup is None:
+            backup = self.__dict__["_blora_backup"] = WeightBackup()
+        return backup
+
+    def backup_weights(self) -> None:
+        """``--network_pre_calc``: keep the adapted layers' weights (once, on their device)."""
+        self._inference_hooks  # refuses a training network
+        self._weight_backup().backup(self.loras)
+
+    def restore_weights(self) -> None:
+        """Put back the weights a pre-calculation changed, and run the modules again."""
+        self._weight_backup().restore()
+        self._inference_hooks.precalculated = False
+
+    def pre_calculation(self) -> None:
+        """Bake every module in at its current multiplier; its forward is skipped until restore_weights."""
+        hooks = self._inference_hooks
+        self._weight_backup().precalculate(self.loras)
+        hooks.precalculated = True
+
+    def set_region(self, sub_prompt_index, is_last_network, mask) -> None:
+        """Regional prompts: this network acts on sub-prompt ``sub_prompt_index`` inside ``mask`` [H, W]."""
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        if float(mask.max()) == 0.0:  # sd-scripts: an empty mask channel means the whole image
+            mask = torch.ones_like(mask)
+        self._inference_hooks.region = RegionState(int(sub_prompt_index), bool(is_last_network), mask)
+
+    def set_current_generation(self, batch_size, num_sub_prompts, width, height, shared, ds_ratio=None) -> None:
+        """Before each regional batch: the batch layout and the masks for this image size.
+
+        ``gen_img.py`` passes Deep Shrink's ``ds_ratio`` (6 arguments), ``sdxl_gen_img.py`` does not (5).
+        """
+        state = self._inference_hooks.region
+        if state is None:
+            raise BLoraError("blora_network: set_current_generation before set_region; sd-scripts calls set_region first")
+        like = next(iter(self.parameters()), torch.empty(0))
+        state.set_generation(batch_size, num_sub_prompts, width, height, shared, ds_ratio, like)
+
+    def apply_max_norm_regularization(self, max_norm_value, device):
+        """``--scale_weight_norms``: LyCORIS scales each module (it owns the factors); returns what sd-scripts logs.
+
+        ``(keys scaled, mean norm, largest norm)`` after scaling, as floats over every module, as
+        sd-scripts' own LoRA reports them (LyCORIS reports 0 for both norms whenever no key was scaled).
+        """
+        scaled, norms = 0, []
+        for lora in self.loras:
+            was_scaled, norm = lora.apply_max_norm(max_norm_value, device)
+            if was_scaled is None:  # an algorithm without max-norm support
+                continue
+            scaled += int(bool(was_scaled))
+            norms.append(torch.as_tensor(norm).detach().reshape(()).float().cpu())
+        if not norms:
+            return 0, 0.0, 0.0
+        stacked = torch.stack(norms)
+        return scaled, float(stacked.mean()), float(stacked.max())
 
     def save_weights(self, file, dtype, metadata):
         """Write an ordinary kohya LoRA file, atomically, with the effective dim/alpha and blora_* keys."""
@@ -351,6 +458,54 @@ class BLoRANetwork(LycorisNetworkKohya):
         preset = self.preset.name if self.preset.source == "built-in" else self.preset.source
         meta = training_metadata(metadata, records, preset=preset, lrs=self.options.block_lrs)
         write_safetensors_hashed(file, state, meta)
+
+
+def _guard_lokr(loras, *, training: bool) -> None:
+    """Two LyCORIS LoKr faults, refused (training) or avoided (a rebuilt inference network).
+
+    * rank_dropout: LoKr ignores it in bypass mode and, in rebuild mode, builds its mask on the
+      CPU (lycoris-lora <= 4.1.3), which fails on a CUDA weight;
+    * lycoris-lora 3.x's LoKr bypass forward leaves out alpha/dim (fixed in 4.0): it would train,
+      or apply a file, at scale 1 where the file means alpha/dim. Rebuild mode is right there.
+    """
+    lokr = [m for m in loras if type(m).__name__ == "LokrModule"]
+    dropping = [m.lora_name for m in lokr if getattr(m, "rank_dropout", 0)]
+    if training and dropping:
+        raise NetworkArgsError(
+            f"network_args rank_dropout with LoKr ({len(dropping)} modules, first {dropping[0]}): LyCORIS's LoKr "
+            "ignores rank dropout in bypass mode and, in rebuild mode, builds its dropout mask on the CPU, which "
+            "fails on a GPU. Remove rank_dropout, or use algo=lora or algo=loha for rank dropout"
+        )
+    scaled = [m for m in lokr if getattr(m, "bypass_mode", False) and m.scale != 1.0]
+    if not scaled or not _lokr_bypass_leaves_out_scale():
+        return
+    if training:
+        raise NetworkArgsError(
+            f"algo=lokr with alpha != dim ({scaled[0].lora_name}: scale {scaled[0].scale:g}): this lycoris-lora's "
+            "LoKr bypass forward leaves out alpha/dim, so it would train at scale 1 while the file says otherwise. "
+            "Upgrade to lycoris-lora>=4.0, add bypass_mode=false to --network_args, or keep alpha = dim"
+        )
+    for m in scaled:
+        m.bypass_mode = False
+    logger.info("blora_network: %d LoKr modules run in rebuild mode (this lycoris-lora's LoKr bypass leaves out "
+                "alpha/dim)", len(scaled))
+
+
+@functools.lru_cache(maxsize=None)
+def _lokr_bypass_leaves_out_scale() -> bool:
+    """Ask the installed LyCORIS once: does LoKr's bypass forward apply alpha/dim (4.x) or not (3.x)?"""
+    from lycoris.modules.lokr import LokrModule
+
+    gen = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(64, 64, bias=False)
+    module = LokrModule("probe", layer, 1.0, lora_dim=2, alpha=1, factor=2, bypass_mode=True)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+        x = torch.randn(2, 64, generator=gen)
+        bypass = module.bypass_forward_diff(x, 1.0)
+        rebuild = torch.nn.functional.linear(x, module.get_weight(module.shape))
+    return not torch.allclose(bypass, rebuild, rtol=1e-3, atol=1e-5)
 
 
 def _refuse_unmatched_text_encoder(te, lyco_preset: dict) -> None:
@@ -486,4 +641,5 @@ def create_network_from_weights(
     options = parse_network_args(max(ranks) if ranks else 1, None, {k: v for k, v in kwargs.items() if k != "preset"})
     preset = replace(load_preset(kwargs.get("preset")), name=Path(str(file)).stem, source=str(file))
     network = BLoRANetwork.from_modules(unet, modules, preset=preset, options=options, multiplier=float(multiplier))
+    network.for_inference = bool(for_inference)
     return network, weights

@@ -149,13 +149,12 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
         context = x if context is None else context.to(x.dtype)
-        b, n, _ = x.shape
 
-        def heads(t: Tensor) -> Tensor:
-            return t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2)
+        def heads(t: Tensor) -> Tensor:  # batch from each tensor, as sd-scripts' reshape_heads_to_batch_dim:
+            return t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)  # regional prompts resize it
 
         out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context)))
-        return self.to_out[0](out.transpose(1, 2).reshape(b, n, -1))
+        return self.to_out[0](out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1))
 
 
 class GEGLU(nn.Module):
