@@ -335,6 +335,9 @@ def _read_text(path: Path, shown: str) -> str:
         raise PresetError(f"{shown}: not a text TOML file ({e})") from None
     except OSError as e:
         raise PresetError(f"{shown}: cannot read preset file ({e.strerror or e})") from None
+    except ValueError:  # a NUL byte in the path: no file system has such a name
+        raise PresetError(f"preset {shown!r}: not a file name (it holds a NUL byte); give a built-in preset "
+                          f"({', '.join(builtin_names())}) or the path of a TOML file") from None
 
 
 @lru_cache(maxsize=64)

@@ -187,6 +187,8 @@ CASES = [
     # presets
     Case("unknown-preset-name", lambda tmp, f: make(preset="contnet_style"), PresetError,
          ("unknown preset 'contnet_style'", f"Built-in presets: {BUILTINS}", "Did you mean 'content_style'")),
+    Case("preset-path-with-nul-byte", lambda tmp, f: make(preset="mine\x00.toml"), PresetError,
+         ("not a file name (it holds a NUL byte)", BUILTINS)),
     Case("preset-file-missing", lambda tmp, f: make(preset=str(tmp / "presets" / "mine.toml")), PresetError,
          ("{tmp}/presets/mine.toml", "not found", BUILTINS)),
     Case("toml-syntax-error", lambda tmp, f: make(preset=preset_file(tmp, "unet_target_module = []\nenable_conv = ture\n")),
