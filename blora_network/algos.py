@@ -18,6 +18,13 @@ The change each algorithm makes, as LyCORIS's forward pass applies it, with
 
 DoRA (a ``dora_scale`` tensor) renormalizes ``W + dW`` per output channel, so its effect is
 not linear in dW: it can be moved, not scaled.
+
+One alpha per file (:func:`one_alpha`): every client applies ``alpha / rank`` per layer, but
+diffusers' kohya loader does not: from 0.32 on its per-layer ``alpha_pattern`` keys keep the
+old ``...processor.to_k_lora.down.weight`` spelling and match no module, so every layer gets
+the file's most common alpha. A file whose LoRA layers all store one alpha, each ``lora_up``
+multiplied by its own alpha / that alpha, has the same dW for sd-scripts, LyCORIS, ComfyUI,
+A1111/Forge and diffusers. The rule lives here, used by the file tools and the training save.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from .errors import LoraFileError
+from .metadata import LayerRecord, network_dim_alpha
 
 __all__ = [
     "LORA_SUFFIXES",
@@ -48,6 +56,9 @@ __all__ = [
     "scale_tensors",
     "all_finite",
     "alpha_tensor",
+    "kohya_layers",
+    "restate_alpha",
+    "one_alpha",
 ]
 
 LORA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "lora_mid.weight")
@@ -272,6 +283,83 @@ def scale_tensors(algo: str, tensors: Mapping[str, torch.Tensor], weight: float,
     out = dict(tensors)
     t = tensors[factor]
     out[factor] = (t.to(torch.float32) * float(weight)).to(t.dtype)
+    return out
+
+
+# -- one alpha per file ------------------------------------------------------------------------
+
+def kohya_layers(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module: {suffix: tensor}}`` of a kohya state dict (``module.suffix`` keys; kohya module names hold no dot)."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in state.items():
+        module, dot, suffix = key.partition(".")
+        if dot:
+            out.setdefault(module, {})[suffix] = t
+    return out
+
+
+_LYCORIS_ONLY = frozenset(LOHA_SUFFIXES + LOKR_SUFFIXES)
+
+
+def _is_lora(tensors: Mapping[str, torch.Tensor]) -> bool:
+    return "lora_down.weight" in tensors and "lora_up.weight" in tensors and not _LYCORIS_ONLY & set(tensors)
+
+
+def _stored_alpha(tensors: Mapping[str, torch.Tensor], dtype) -> Optional[float]:
+    """The effective alpha of a LoRA layer as it will be stored (its alpha cast to ``dtype`` first)."""
+    a = tensors.get("alpha")
+    if a is not None and dtype is not None:
+        a = a.to(dtype)
+    return effective_alpha(alpha_value({"alpha": a}) if a is not None else None, rank_of("lora", layer_shape(tensors)))
+
+
+def restate_alpha(tensors: Mapping[str, torch.Tensor], alpha: torch.Tensor, *, dtype=None) -> Mapping[str, torch.Tensor]:
+    """A LoRA layer's tensors storing ``alpha``, with ``lora_up`` times its own alpha / ``alpha``: the same dW.
+
+    DoRA layers too: DoRA renormalizes ``W + (alpha / rank) up @ down``, which is unchanged.
+    The product is taken in float64 and cast once to ``dtype`` (default: ``lora_up``'s own).
+    Returns ``tensors`` itself when its effective alpha, as stored in ``dtype``, is already ``alpha``
+    and not spelled 0 (which ComfyUI, A1111 and diffusers read as scale 0, not as alpha = rank).
+    """
+    own, target = _stored_alpha(tensors, dtype), float(alpha)
+    stored = tensors.get("alpha")
+    if own == target and not (stored is not None and alpha_value({"alpha": stored}) == 0):
+        return tensors
+    if target == 0 or not math.isfinite(target):
+        raise LoraFileError(f"cannot restate a LoRA layer with alpha {target} (it must be finite and not 0)")
+    up = tensors["lora_up.weight"]
+    out = dict(tensors)
+    out["lora_up.weight"] = (up.to(torch.float64) * (own / target)).to(dtype or up.dtype)
+    out["alpha"] = alpha.detach().clone()
+    return out
+
+
+def one_alpha(state: Mapping[str, torch.Tensor], *, dtype=None) -> dict[str, torch.Tensor]:
+    """A kohya state dict whose LoRA layers all store one alpha, every layer's dW unchanged.
+
+    The alpha is the one :func:`blora_network.metadata.network_dim_alpha` names (the largest
+    rank's largest alpha), so ``ss_network_alpha`` is every LoRA layer's alpha. Layers that
+    already store it are left as they are: a file with one alpha comes back unchanged,
+    tensor for tensor. LoHa/LoKr layers keep their own alpha (diffusers loads no LyCORIS
+    algorithm, and clients read LoKr's rank differently). ``dtype``: the dtype the state is
+    about to be saved in (alphas compare as stored there; rewritten tensors are cast to it).
+    """
+    layers = {name: t for name, t in kohya_layers(state).items() if _is_lora(t)}
+    stored = {name: (rank_of("lora", layer_shape(t)), _stored_alpha(t, dtype)) for name, t in layers.items()}
+    top, common = network_dim_alpha(LayerRecord(None, rank, alpha) for rank, alpha in stored.values())
+    if common is None:
+        return dict(state)
+    ref = layers[next(name for name, ra in stored.items() if ra == (top, common))]
+    target = ref.get("alpha")
+    if target is None or effective_alpha(alpha_value({"alpha": target}), None) != common:
+        target = alpha_tensor(common, ref["lora_down.weight"])
+    if dtype is not None:
+        target = target.to(dtype)
+    out = dict(state)
+    for name, tensors in layers.items():
+        new = restate_alpha(tensors, target, dtype=dtype)
+        if new is not tensors:
+            out.update({f"{name}.{suffix}": t for suffix, t in new.items()})
     return out
 
 

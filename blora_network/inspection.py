@@ -190,8 +190,13 @@ def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, s
             "noise images: use an earlier checkpoint or retrain with a lower learning rate"
         )
     off: dict[tuple, list[str]] = {}
+    known = {(r, a) for pr in pairs.values() for r, a in pr if r is not None and a is not None}
+    # A file storing one alpha over several ranks (what our writers make, algos.one_alpha) keeps each
+    # layer's own alpha/rank in lora_up: only the largest rank's alpha says how the change is scaled.
+    top = max((r for r, _ in known), default=None) if len({a for _, a in known}) == 1 else None
     for role, pr in pairs.items():
-        for r, a in sorted((r, a) for r, a in pr if r is not None and a is not None and abs(a - r) > 1e-6 * max(1.0, r)):
+        for r, a in sorted((r, a) for r, a in pr if r is not None and a is not None
+                           and abs(a - r) > 1e-6 * max(1.0, r) and top in (None, r)):
             off.setdefault((r, a), []).append(role)
     for (r, a), roles in off.items():
         out.append(

@@ -8,7 +8,14 @@ The one rule for ``ss_network_dim`` / ``ss_network_alpha`` (:func:`network_dim_a
 dim is the largest rank in the file, and the alpha is the largest alpha among the layers of
 that rank (alphas are effective alphas: a missing alpha means alpha = rank). A file whose
 blocks differ in rank is described by its largest block, as sd-scripts' own loaders expect;
-the per-block truth is in ``blora_block_dims`` / ``blora_block_alphas``.
+the per-block ranks are in ``blora_block_dims``.
+
+Every file we write stores one alpha for its LoRA layers, the one :func:`network_dim_alpha`
+names (:func:`blora_network.algos.one_alpha`: a layer trained at another alpha carries the
+ratio in its ``lora_up``), so ``ss_network_alpha`` is every LoRA layer's alpha and
+``blora_block_alphas`` records the alpha each block's layers store: that same value for every
+LoRA block (a LoHa/LoKr block keeps its own). A training save's per-block settings stay in
+sd-scripts' ``ss_network_args``; the change each block makes is the trained one.
 
 The ``blora_*`` keys say which B-LoRA blocks a file holds and where it came from, so no later
 tool has to guess.
@@ -48,7 +55,7 @@ KEY_VERSION = "blora_version"
 KEY_PRESET = "blora_preset"
 KEY_BLOCKS = "blora_blocks"        # {"content": "output_blocks.0.1", "style": "output_blocks.1.1"}
 KEY_DIMS = "blora_block_dims"      # {"content": 64, "style": 64}
-KEY_ALPHAS = "blora_block_alphas"  # {"content": 64.0, "style": 64.0}
+KEY_ALPHAS = "blora_block_alphas"  # {"content": 64.0, "style": 64.0}: the alpha stored (one per file)
 KEY_LRS = "blora_block_lrs"        # {"content": 1e-4, ...} when per-block lrs were used
 KEY_SOURCES = "blora_sources"      # [{"file": "a.safetensors", "sshs_model_hash": "...", "blocks": [...]}]
 KEY_WEIGHTS = "blora_weights"      # {"content": 1.0, "style": 0.8}: weights baked into the file

@@ -30,7 +30,7 @@ try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
 except ImportError:  # pragma: no cover - depends on the installed LyCORIS
     _LYCORIS_ALGOS = None
 
-from .algos import algo_of, effective_alpha, layer_shape, rank_and_alpha
+from .algos import algo_of, effective_alpha, kohya_layers, layer_shape, one_alpha, rank_and_alpha, restate_alpha
 from .blocks import ROLES, role_of_kohya_name
 from .errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
 from .merge import WeightBackup, merge_module
@@ -112,9 +112,12 @@ def _role_of_lora(lora_name: str) -> str:
     return role_of_kohya_name(lora_name) or "other"
 
 
-def _record(lora) -> LayerRecord:
-    """A LyCORIS module as the metadata sees it: its role, rank and effective alpha (one host read)."""
-    tensors = lora.state_dict()
+def _record(lora, tensors=None) -> LayerRecord:
+    """A LyCORIS module as the metadata sees it: its role, rank and effective alpha (one host read).
+
+    ``tensors``: the module's tensors as they are saved, when not its own state.
+    """
+    tensors = lora.state_dict() if tensors is None else tensors
     algo = algo_of(lora.lora_name, set(tensors), layer_shape(tensors))[0]
     rank, alpha = rank_and_alpha(algo, tensors) if algo != "other" else (getattr(lora, "lora_dim", None), None)
     return LayerRecord(role=_role_of_lora(lora.lora_name), rank=rank, alpha=alpha)
@@ -339,6 +342,7 @@ class BLoRANetwork(LycorisNetworkKohya):
                     f"{file}: {key} has shape {tuple(tensor.shape)}, this network expects {tuple(shapes[key])}; "
                     "the file has another rank: set --network_dim to it or use --dim_from_weights"
                 )
+        weights = self._restated_to_own_alphas(weights)
         self.weights_sd = weights
         if not any(True for _ in self.named_children()):  # before apply_to: LyCORIS's apply_to loads self.weights_sd
             return {"deferred until apply_to": True}
@@ -349,6 +353,25 @@ class BLoRANetwork(LycorisNetworkKohya):
         if unexpected:
             info["unexpected keys"] = unexpected
         return info
+
+    def _restated_to_own_alphas(self, weights: dict) -> dict:
+        """The file's LoRA layers restated to the alphas this network was built with (the same dW).
+
+        Saves store one alpha per file (:func:`blora_network.algos.one_alpha`), and a LyCORIS
+        module keeps the scale it was built with whatever ``alpha`` it loads, so a block trained
+        at alpha 4 gets its ``lora_up`` back from a file that stores alpha 8: resuming continues
+        from exactly the saved change.
+        """
+        layers = kohya_layers(weights)
+        out = dict(weights)
+        for lora in self.loras:
+            theirs, own = layers.get(lora.lora_name), lora.state_dict()
+            if not theirs or "lora_up.weight" not in theirs or "lora_up.weight" not in own or "alpha" not in own:
+                continue
+            restated = restate_alpha(theirs, own["alpha"].detach().to("cpu", torch.float32), dtype=torch.float32)
+            if restated is not theirs:
+                out.update({f"{lora.lora_name}.{k}": v for k, v in restated.items()})
+        return out
 
     def merge_to(self, text_encoder, unet, weights_sd, dtype, device):
         """``--base_weights`` and the image scripts' ``--network_merge``: bake each module into its layer.
@@ -447,14 +470,19 @@ class BLoRANetwork(LycorisNetworkKohya):
         return scaled, float(stacked.mean()), float(stacked.max())
 
     def save_weights(self, file, dtype, metadata):
-        """Write an ordinary kohya LoRA file, atomically, with the effective dim/alpha and blora_* keys."""
-        state = {k: v.detach().to("cpu") for k, v in self.state_dict().items()}
+        """Write an ordinary kohya LoRA file, atomically, with the effective dim/alpha and blora_* keys.
+
+        The file stores one alpha (:func:`blora_network.algos.one_alpha`): blocks trained at
+        different alphas keep their change, which diffusers then loads right too.
+        """
+        state = one_alpha({k: v.detach().to("cpu") for k, v in self.state_dict().items()}, dtype=dtype)
         if dtype is not None:
             state = {k: v.to(dtype) for k, v in state.items()}
         if Path(file).suffix.lower() in PICKLE_SUFFIXES:
             save_pickle(file, state)
             return
-        records = [_record(m) for m in self.text_encoder_loras + self.unet_loras]
+        saved = kohya_layers(state)
+        records = [_record(m, saved.get(m.lora_name)) for m in self.text_encoder_loras + self.unet_loras]
         preset = self.preset.name if self.preset.source == "built-in" else self.preset.source
         meta = training_metadata(metadata, records, preset=preset, lrs=self.options.block_lrs)
         write_safetensors_hashed(file, state, meta)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .algos import alpha_tensor, effective_alpha, alpha_value, module_scale, scale_tensors
+from .algos import alpha_tensor, effective_alpha, alpha_value, module_scale, one_alpha, scale_tensors
 from .blocks import ROLES, lookup_block
 from .errors import LoraFileError
 from .lorafile import LoraFile, LoraLayer, open_sdxl_lora
@@ -53,10 +53,17 @@ class WrittenFile:
 
 @dataclass
 class _Output:
-    """The tensors and layer records of one file being assembled."""
+    """The tensors and layer records of one file being assembled.
+
+    :meth:`metadata` gives the file one alpha first (:func:`blora_network.algos.one_alpha`)
+    so the records, and so ``ss_network_alpha`` and ``blora_block_alphas``, say what is stored.
+    """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     records: list[LayerRecord] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
+    """The kohya module name of each record."""
+    settled: bool = False
 
     def roles(self) -> list[str]:
         present = {r.role for r in self.records if r.role}
@@ -67,7 +74,23 @@ class _Output:
         if any(k in self.tensors for k in entry):
             raise LoraFileError(f"{lora.path}: layer {layer.name} is given twice")
         self.tensors.update(entry)
-        self.records.append(LayerRecord(layer.role, layer.rank, effective_alpha(alpha_value(tensors), layer.rank)))
+        self.record(layer, effective_alpha(alpha_value(tensors), layer.rank))
+
+    def record(self, layer: LoraLayer, alpha: Optional[float]) -> None:
+        self.records.append(LayerRecord(layer.role, layer.rank, alpha))
+        self.names.append(layer.name)
+
+    def metadata(self, base: Mapping[str, str], sources: list[dict], weights: Mapping[str, float]) -> dict[str, str]:
+        """One alpha for the file's LoRA layers, then the metadata describing the file (tool_metadata)."""
+        self.tensors = one_alpha(self.tensors)
+        self.records = [replace(r, alpha=effective_alpha(self._stored_alpha(name), r.rank))
+                        for name, r in zip(self.names, self.records)]
+        self.settled = True
+        return tool_metadata(base, self.records, sources, weights)
+
+    def _stored_alpha(self, name: str) -> Optional[float]:
+        t = self.tensors.get(f"{name}.alpha")
+        return None if t is None else alpha_value({"alpha": t})
 
 
 def _kohya_entry(layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,6 +114,8 @@ def _gather(lora: LoraFile, reader, layers: Sequence[LoraLayer], out: _Output, p
 
 def _write(output, out: _Output, metadata: dict[str, str], *, force: bool, inputs: Sequence[Path],
            progress: Optional[Progress], weights=None, warnings=(), applied=None) -> WrittenFile:
+    if not out.settled:  # the metadata must describe the tensors as written (one alpha)
+        raise RuntimeError("internal error: compose the metadata with _Output.metadata before writing")
     total = sum(t.numel() * t.element_size() for t in out.tensors.values())
     # fsync only when replacing a file: a new output lost to a power cut is lost alone (the
     # inputs are never written) and is made again in seconds; an fsync costs ~0.1-0.3 s per
@@ -200,7 +225,7 @@ def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: b
     try:
         for role, out in parts:
             weights = cumulative_weights(lora.metadata, {}, [role])
-            meta = tool_metadata(lora.metadata, out.records, [_source(lora, [role], {role: 1.0})], weights)
+            meta = out.metadata(lora.metadata, [_source(lora, [role], {role: 1.0})], weights)
             new = not targets[role].exists()
             files.append(_write(targets[role], out, meta, force=force, inputs=[lora.path], progress=progress,
                                 weights=weights))
@@ -261,7 +286,7 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
                     weights={s.role: s.weight}, desc=f"reading {s.role} from {lora.path.name}")
             entries.append(_source(lora, [s.role], {s.role: s.weight}))
             weights.update(cumulative_weights(lora.metadata, {s.role: s.weight}, [s.role]))
-        meta = tool_metadata(kept[0][1].metadata, out.records, entries, weights)
+        meta = out.metadata(kept[0][1].metadata, entries, weights)
         dropped = [s.role for s in sources if s.weight == 0.0]
         warn = [f"weight 0 leaves {', '.join(dropped)} out of the file"] if dropped else []
         return _write(output, out, meta, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn,
@@ -293,7 +318,7 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
             out.tensors[key] = reader.get(key)
         present = out.roles()
         baked = cumulative_weights(lora.metadata, weights, present)
-        meta = tool_metadata(lora.metadata, out.records, [_source(lora, present, weights)], baked)
+        meta = out.metadata(lora.metadata, [_source(lora, present, weights)], baked)
         dropped = [r for r, w in weights.items() if w == 0.0]
         warn = [f"weight 0 removed the {', '.join(dropped)} block"] if dropped else []
         return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=baked,
@@ -326,7 +351,7 @@ def extract(path, roles: Sequence[str], output, *, force: bool = False,
     with lora.reader() as reader:
         _gather(lora, reader, layers, out, progress)
         weights = cumulative_weights(lora.metadata, {}, roles)
-        meta = tool_metadata(lora.metadata, out.records, [_source(lora, roles, {})], weights)
+        meta = out.metadata(lora.metadata, [_source(lora, roles, {})], weights)
         skipped = len(lora.layers) - len(layers)
         warn = [f"left out {skipped} layers outside the chosen blocks' attention layers"] if skipped else []
         return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=weights,
@@ -366,10 +391,10 @@ def convert(path, output, *, to: str = "kohya", force: bool = False,
         else:
             for m, src in reader.read(layers, progress=progress):
                 out.tensors.update(_diffusers_entry(m, src, to))
-                out.records.append(LayerRecord(m.role, m.rank, float(m.rank)))  # alpha = rank from now on
+                out.record(m, float(m.rank))  # alpha = rank from now on
         roles = out.roles()
         weights = cumulative_weights(lora.metadata, {}, roles) if lora.metadata.get(KEY_WEIGHTS) else {}
-        meta = tool_metadata(lora.metadata, out.records, [_source(lora, roles, {})], weights)
+        meta = out.metadata(lora.metadata, [_source(lora, roles, {})], weights)
         return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import blora_network
+from blora_network.algos import delta_weight
 from blora_network.blocks import role_of_kohya_name
 from blora_network.safefile import load_tensors, read_metadata
 from blora_network.sdxl_unet import TINY, build_unet
@@ -24,6 +25,9 @@ def test_per_block_dims_and_alphas(unet, tmp_path):
     assert (summary["style"]["rank"], summary["style"]["alpha"]) == (16, 16.0)
     assert (summary["layout"]["rank"], summary["layout"]["alpha"]) == (8, 2.0)
     network.apply_to(None, unet, False, True)
+    with torch.no_grad():  # lora_up starts at zero: give every block a change to keep
+        for m in network.unet_loras:
+            m.lora_up.weight.normal_(std=0.1)
     path = tmp_path / "dims.safetensors"
     network.save_weights(str(path), None, {})
     tensors = load_tensors(path)
@@ -31,7 +35,13 @@ def test_per_block_dims_and_alphas(unet, tmp_path):
     assert ranks == {"content": 4, "style": 16, "layout": 8}
     meta = read_metadata(path)
     assert json.loads(meta["blora_block_dims"]) == {"content": 4, "style": 16, "layout": 8}
-    assert json.loads(meta["blora_block_alphas"]) == {"content": 4.0, "style": 16.0, "layout": 2.0}
+    # the file stores one alpha, the largest rank's (issue 14); each block keeps its trained change
+    assert json.loads(meta["blora_block_alphas"]) == {"content": 16.0, "style": 16.0, "layout": 16.0}
+    assert meta["ss_network_dim"] == "16" and meta["ss_network_alpha"] == "16.0"
+    for m in network.unet_loras:
+        saved = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(m.lora_name + ".")}
+        trained = delta_weight("lora", {k: v.detach() for k, v in m.state_dict().items()})
+        assert torch.allclose(delta_weight("lora", saved), trained, rtol=1e-6, atol=1e-12), m.lora_name
 
 
 def test_per_block_lrs_make_groups_with_descriptions(unet):
