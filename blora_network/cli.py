@@ -406,8 +406,9 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "scale", "bake per-block weights into a file",
         "Multiply each named block's change dW by its weight (exactly: LoRA scales lora_up, LoHa hada_w1_a, "
-        "LoKr lokr_w1; alpha is kept). Blocks not named keep weight 1; a weight of 0 removes the block; "
-        "negative weights are allowed. DoRA layers accept only weight 1.",
+        "LoKr lokr_w1, never alpha; like every output, the file stores one alpha for its LoRA layers). Blocks "
+        "not named keep weight 1; a weight of 0 removes the block; negative weights are allowed. DoRA layers "
+        "accept only weight 1.",
         "  blora-network scale my_blora.safetensors --content 1.0 --style 0.6 -o my_blora_s06.safetensors",
         _add_scale, _run_scale),
     Subcommand(
