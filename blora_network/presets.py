@@ -23,6 +23,7 @@ import toml
 
 from .blocks import BLOCKS, ROLES, attention_layer_names, block_pattern, lookup_block
 from .errors import PresetError
+from .tomlfile import read_toml
 
 __all__ = ["Preset", "DEFAULT_PRESET", "BUILTIN_ROLES", "BLOCK_SETTING_KEYS", "builtin_names", "builtin_preset_text",
            "load_preset", "preset_from_dict"]
@@ -173,55 +174,6 @@ def builtin_preset_text(name: str) -> str:
     )
 
 
-def _unclosed_bracket(text: str) -> Optional[tuple[int, str]]:
-    """``(line, its text)`` of the first ``[`` that is never closed, outside strings and comments.
-
-    The toml reader reports an unclosed ``[`` as "string index out of range" (an array) or "Key
-    group not on a line by itself" (a table header): neither says what is wrong.
-    """
-    stack: list[tuple[int, int]] = []
-    lines = text.splitlines()
-    for n, line in enumerate(lines, 1):
-        quote = None
-        i = 0
-        while i < len(line):
-            c = line[i]
-            if quote:
-                if c == "\\" and quote == '"':
-                    i += 1
-                elif c == quote:
-                    quote = None
-            elif c in "'\"":
-                quote = c
-            elif c == "#":
-                break
-            elif c == "[":
-                stack.append((n, i))
-            elif c == "]" and stack:
-                stack.pop()
-            i += 1
-        if stack and stack[-1][0] == n and line.lstrip().startswith("[") and "=" not in line:
-            return n, line.strip()  # a table header must close on its own line
-    return (stack[0][0], lines[stack[0][0] - 1].strip()) if stack else None
-
-
-def _toml_error(path: str, text: str, err: Exception) -> PresetError:
-    unclosed = _unclosed_bracket(text)
-    if unclosed is not None:
-        line, shown = unclosed
-        return PresetError(f"{path}:{line}: TOML syntax error: the '[' on line {line} ({shown[:80]!r}) is never closed; "
-                           "add the matching ']' (a list of patterns ends with ']', a table header such as [blora] "
-                           "closes on its own line)")
-    line = getattr(err, "lineno", None)
-    col = getattr(err, "colno", None)
-    msg = getattr(err, "msg", str(err))
-    where = f"{path}:{line}" + (f":{col}" if col else "") if line else path
-    snippet = ""
-    if line and 0 < line <= len(text.splitlines()):
-        snippet = f" (line {line}: {text.splitlines()[line - 1].strip()[:80]!r})"
-    return PresetError(f"{where}: TOML syntax error: {msg}{snippet}; fix the file (TOML strings with regexes are easiest in single quotes)")
-
-
 def _check_type(where: str, key: str, value: Any, want: type) -> Any:
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -321,25 +273,6 @@ def preset_from_dict(raw: Mapping[str, Any], *, name: str, source: str) -> Prese
     )
 
 
-def _read_text(path: Path, shown: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PresetError(
-            f"preset file {shown} not found; use a built-in preset ({', '.join(builtin_names())}) "
-            "or the path of a TOML file"
-        ) from None
-    except IsADirectoryError:
-        raise PresetError(f"preset {shown} is a folder; give the path of a .toml file") from None
-    except UnicodeDecodeError as e:
-        raise PresetError(f"{shown}: not a text TOML file ({e})") from None
-    except OSError as e:
-        raise PresetError(f"{shown}: cannot read preset file ({e.strerror or e})") from None
-    except ValueError:  # a NUL byte in the path: no file system has such a name
-        raise PresetError(f"preset {shown!r}: not a file name (it holds a NUL byte); give a built-in preset "
-                          f"({', '.join(builtin_names())}) or the path of a TOML file") from None
-
-
 @lru_cache(maxsize=64)
 def _load_builtin(name: str) -> Preset:
     path = _BUILTIN_DIR / f"{name}.toml"
@@ -367,9 +300,7 @@ def load_preset(name_or_path: Optional[str] = None) -> Preset:
             "or give the path of a TOML preset file"
         )
     path = Path(spec).expanduser()
-    text = _read_text(path, spec)
-    try:
-        raw = toml.loads(text)
-    except (toml.TomlDecodeError, IndexError, ValueError, TypeError) as e:
-        raise _toml_error(spec, text, e) from None
+    raw = read_toml(path, what="preset file", shown=spec, error=PresetError,
+                    not_found_hint=f"; use a built-in preset ({', '.join(builtin_names())}) or the path of a TOML file",
+                    syntax_hint="fix the file (TOML strings with regexes are easiest in single quotes)")
     return preset_from_dict(raw, name=path.stem, source=str(path))

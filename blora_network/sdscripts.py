@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-import toml
-
+from . import tomlfile
 from .errors import BLoraError
 
 __all__ = ["SdArg", "SD_ARGS", "IMAGE_EXTENSIONS", "SDXL_SCRIPT", "REAL_NEIGHBOURS", "TrainingArgs", "read_toml",
@@ -118,29 +117,9 @@ def split_network_arg(item: str) -> tuple[str, str]:
     return key, value
 
 
-def _toml_error(path: Path, err: Exception) -> BLoraError:
-    line = getattr(err, "lineno", None)
-    where = f"{path}:{line}" if line else str(path)
-    return BLoraError(f"{where}: TOML syntax error: {getattr(err, 'msg', err)}; sd-scripts could not read this config either")
-
-
 def read_toml(path: str | Path, what: str) -> dict:
-    """A TOML file as a dict, or one-line errors naming the file."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise BLoraError(f"{what} {p} not found") from None
-    except IsADirectoryError:
-        raise BLoraError(f"{what} {p} is a folder; give the path of a .toml file") from None
-    except UnicodeDecodeError:
-        raise BLoraError(f"{p}: not a UTF-8 text file; sd-scripts reads configs as UTF-8 TOML") from None
-    except OSError as e:
-        raise BLoraError(f"{p}: cannot read ({e.strerror or e})") from None
-    try:
-        return toml.loads(text)
-    except (toml.TomlDecodeError, IndexError, ValueError, TypeError) as e:
-        raise _toml_error(p, e) from None
+    """A TOML file as a dict, or one-line errors naming the file (:mod:`blora_network.tomlfile`)."""
+    return tomlfile.read_toml(Path(path), what=what, syntax_hint="sd-scripts could not read this config either")
 
 
 def read_training_config(path: str | Path) -> dict[str, Any]:
