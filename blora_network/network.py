@@ -11,7 +11,6 @@ users of ``lycoris.kohya`` in the same process see no change.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import logging
 import os
@@ -33,6 +32,7 @@ except ImportError:  # pragma: no cover - depends on the installed LyCORIS
 from .algos import algo_of, effective_alpha, kohya_layers, layer_shape, one_alpha, rank_and_alpha, restate_alpha
 from .blocks import ROLES, role_of_kohya_name
 from .errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
+from .lycoris_guards import guard_lokr
 from .merge import WeightBackup, merge_module
 from .metadata import LayerRecord, network_dim_alpha, training_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
@@ -170,7 +170,7 @@ class BLoRANetwork(LycorisNetworkKohya):
             options.lycoris.get(k) for k in LORAPLUS_KEYS)
         self._drop_blocks({role for role, dim in options.block_dims.items() if dim == 0}
                           | {role for role, lr in options.block_lrs.items() if lr == 0})
-        _guard_lokr(self.text_encoder_loras + self.unet_loras, training=True)
+        guard_lokr(self.text_encoder_loras + self.unet_loras, training=True)
         if check_matches and not self.unet_loras and not self.text_encoder_loras:
             raise PresetError(
                 f"preset {preset.name!r} ({preset.source}) with these network_args trains no module; "
@@ -192,7 +192,7 @@ class BLoRANetwork(LycorisNetworkKohya):
             lora.multiplier = float(multiplier)
             if hasattr(lora, "bypass_mode"):
                 lora.bypass_mode = network.bypass and not getattr(lora, "wd", False)
-        _guard_lokr(network.loras, training=False)
+        guard_lokr(network.loras, training=False)
         return network
 
     # -- bookkeeping --------------------------------------------------------------------
@@ -486,54 +486,6 @@ class BLoRANetwork(LycorisNetworkKohya):
         preset = self.preset.name if self.preset.source == "built-in" else self.preset.source
         meta = training_metadata(metadata, records, preset=preset, lrs=self.options.block_lrs)
         write_safetensors_hashed(file, state, meta)
-
-
-def _guard_lokr(loras, *, training: bool) -> None:
-    """Two LyCORIS LoKr faults, refused (training) or avoided (a rebuilt inference network).
-
-    * rank_dropout: LoKr ignores it in bypass mode and, in rebuild mode, builds its mask on the
-      CPU (lycoris-lora <= 4.1.3), which fails on a CUDA weight;
-    * lycoris-lora 3.x's LoKr bypass forward leaves out alpha/dim (fixed in 4.0): it would train,
-      or apply a file, at scale 1 where the file means alpha/dim. Rebuild mode is right there.
-    """
-    lokr = [m for m in loras if type(m).__name__ == "LokrModule"]
-    dropping = [m.lora_name for m in lokr if getattr(m, "rank_dropout", 0)]
-    if training and dropping:
-        raise NetworkArgsError(
-            f"network_args rank_dropout with LoKr ({len(dropping)} modules, first {dropping[0]}): LyCORIS's LoKr "
-            "ignores rank dropout in bypass mode and, in rebuild mode, builds its dropout mask on the CPU, which "
-            "fails on a GPU. Remove rank_dropout, or use algo=lora or algo=loha for rank dropout"
-        )
-    scaled = [m for m in lokr if getattr(m, "bypass_mode", False) and m.scale != 1.0]
-    if not scaled or not _lokr_bypass_leaves_out_scale():
-        return
-    if training:
-        raise NetworkArgsError(
-            f"algo=lokr with alpha != dim ({scaled[0].lora_name}: scale {scaled[0].scale:g}): this lycoris-lora's "
-            "LoKr bypass forward leaves out alpha/dim, so it would train at scale 1 while the file says otherwise. "
-            "Upgrade to lycoris-lora>=4.0, add bypass_mode=false to --network_args, or keep alpha = dim"
-        )
-    for m in scaled:
-        m.bypass_mode = False
-    logger.info("blora_network: %d LoKr modules run in rebuild mode (this lycoris-lora's LoKr bypass leaves out "
-                "alpha/dim)", len(scaled))
-
-
-@functools.lru_cache(maxsize=None)
-def _lokr_bypass_leaves_out_scale() -> bool:
-    """Ask the installed LyCORIS once: does LoKr's bypass forward apply alpha/dim (4.x) or not (3.x)?"""
-    from lycoris.modules.lokr import LokrModule
-
-    gen = torch.Generator().manual_seed(0)
-    layer = torch.nn.Linear(64, 64, bias=False)
-    module = LokrModule("probe", layer, 1.0, lora_dim=2, alpha=1, factor=2, bypass_mode=True)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen))
-        x = torch.randn(2, 64, generator=gen)
-        bypass = module.bypass_forward_diff(x, 1.0)
-        rebuild = torch.nn.functional.linear(x, module.get_weight(module.shape))
-    return not torch.allclose(bypass, rebuild, rtol=1e-3, atol=1e-5)
 
 
 def _refuse_unmatched_text_encoder(te, lyco_preset: dict) -> None:

@@ -18,7 +18,7 @@ import torch
 import blora_network
 from blora_network.errors import NetworkArgsError
 from blora_network.merge import WeightBackup, merged_weight, module_algo
-from blora_network.network import _lokr_bypass_leaves_out_scale
+from blora_network.lycoris_guards import lokr_bypass_leaves_out_scale
 from blora_network.sdxl_unet import TINY, build_unet, random_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,7 +77,7 @@ def _perturb(network, seed=3, scale=0.3):
 
 
 def _network(unet, algo, args, multiplier=0.7, preset="content", **more):
-    if algo == "lokr" and _lokr_bypass_leaves_out_scale():  # lycoris-lora 3.x: refused in bypass mode
+    if algo == "lokr" and lokr_bypass_leaves_out_scale():  # lycoris-lora 3.x: refused in bypass mode
         args = dict(args, bypass_mode="false")               # (test_old_lycoris_lokr_bypass_is_guarded)
     network = blora_network.create_network(multiplier, 4, 1, None, None, unet, preset=preset, algo=algo, **args, **more)
     network.apply_to(None, unet, False, True)
@@ -221,7 +221,7 @@ def test_old_lycoris_lokr_bypass_is_guarded(tmp_path, batch, base):
     inference network runs those modules in rebuild mode (right); 4.x needs neither."""
     make = lambda: blora_network.create_network(1.0, 4, 1, None, None, fresh_unet(), preset="content",  # noqa: E731
                                                 algo="lokr", factor="2", alpha="1")
-    if not _lokr_bypass_leaves_out_scale():
+    if not lokr_bypass_leaves_out_scale():
         assert all(m.bypass_mode for m in make().loras)
         return
     with pytest.raises(NetworkArgsError, match="lycoris-lora>=4.0"):
