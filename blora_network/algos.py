@@ -46,6 +46,7 @@ __all__ = [
     "effective_alpha",
     "alpha_value",
     "algo_of",
+    "algo_of_tensors",
     "rank_of",
     "layer_shape",
     "module_scale",
@@ -166,6 +167,11 @@ def rank_of(algo: str, shapes: Mapping[str, Sequence[int]]) -> Optional[int]:
 
 def layer_shape(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(t.shape) for k, t in tensors.items()}
+
+
+def algo_of_tensors(name: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """:func:`algo_of`'s algorithm for a layer's tensors in hand (a LyCORIS module's ``state_dict()``)."""
+    return algo_of(name, set(tensors), layer_shape(tensors))[0]
 
 
 def rank_and_alpha(algo: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Optional[int], Optional[float]]:

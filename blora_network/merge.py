@@ -22,33 +22,20 @@ from typing import Iterable, Optional
 
 import torch
 
-from .algos import algo_of, delta_weight, layer_shape
+from .algos import algo_of_tensors, delta_weight
 
-__all__ = ["module_algo", "module_delta", "merged_weight", "merge_module", "WeightBackup"]
+__all__ = ["module_algo", "merged_weight", "merge_module", "WeightBackup"]
 
 
-def _tensors(lora) -> dict[str, torch.Tensor]:
-    return {k: v.detach() for k, v in lora.state_dict().items()}
+def _read(lora) -> tuple[str, dict[str, torch.Tensor]]:
+    """The module's algorithm and its file-style tensors (one ``state_dict()``, which computes up * scalar)."""
+    tensors = {k: v.detach() for k, v in lora.state_dict().items()}
+    return algo_of_tensors(lora.lora_name, tensors), tensors
 
 
 def module_algo(lora) -> str:
     """``lora``, ``loha``, ``lokr`` (what :func:`delta_weight` covers) or ``other``."""
-    tensors = _tensors(lora)
-    return algo_of(lora.lora_name, set(tensors), layer_shape(tensors))[0]
-
-
-def _target(lora) -> torch.nn.Module:
-    return lora.org_module[0]
-
-
-def module_delta(lora, *, device=None) -> torch.Tensor:
-    """The module's dW at multiplier 1, float32, shaped like the weight it adapts (DoRA not applied)."""
-    tensors = _tensors(lora)
-    algo = algo_of(lora.lora_name, set(tensors), layer_shape(tensors))[0]
-    weight = _target(lora).weight
-    device = weight.device if device is None else torch.device(device)
-    dw = delta_weight(algo, {k: v.to(device) for k, v in tensors.items()})
-    return dw.reshape(weight.shape)
+    return _read(lora)[0]
 
 
 def merged_weight(lora, multiplier: Optional[float] = None, *, device=None) -> torch.Tensor:
@@ -57,11 +44,28 @@ def merged_weight(lora, multiplier: Optional[float] = None, *, device=None) -> t
     ``m`` is the module's own multiplier unless given. Raises ``LoraFileError`` for an
     algorithm :func:`delta_weight` does not cover (see :func:`merge_module`).
     """
+    return _merged(lora, *_read(lora), multiplier, device=device)
+
+
+def _target(lora) -> torch.nn.Module:
+    return lora.org_module[0]
+
+
+def _delta(lora, algo: str, tensors: dict[str, torch.Tensor], *, device=None) -> torch.Tensor:
+    """The module's dW at multiplier 1, float32, shaped like the weight it adapts (DoRA not applied)."""
+    weight = _target(lora).weight
+    device = weight.device if device is None else torch.device(device)
+    dw = delta_weight(algo, {k: v.to(device) for k, v in tensors.items()})
+    return dw.reshape(weight.shape)
+
+
+def _merged(lora, algo: str, tensors: dict[str, torch.Tensor], multiplier: Optional[float], *, device=None) -> torch.Tensor:
+    """:func:`merged_weight` from tensors already read (:func:`_read`)."""
     m = float(lora.multiplier if multiplier is None else multiplier)
     weight = _target(lora).weight
     device = weight.device if device is None else torch.device(device)
     w = weight.detach().to(device=device, dtype=torch.float32)
-    dw = module_delta(lora, device=device)
+    dw = _delta(lora, algo, tensors, device=device)
     if getattr(lora, "wd", False) and hasattr(lora, "dora_scale"):
         with _float32_on(lora, device):  # the epilogue reads dora_scale from the module
             return lora.apply_weight_decompose(w + dw, m).to(torch.float32)
@@ -86,14 +90,14 @@ def merge_module(lora, multiplier: Optional[float] = None, *, device=None) -> st
 
     Algorithms outside LoRA/LoCon/LoHa/LoKr (full, IA3, OFT...) use LyCORIS's own merge.
     """
-    algo = module_algo(lora)
+    algo, tensors = _read(lora)
     m = float(lora.multiplier if multiplier is None else multiplier)
     if algo == "other":
         with _float32_on(lora, device or _target(lora).weight.device):
             lora.merge_to(m)
         return algo
     weight = _target(lora).weight
-    new = merged_weight(lora, m, device=device)
+    new = _merged(lora, algo, tensors, m, device=device)
     with torch.no_grad():
         weight.copy_(new.to(device=weight.device, dtype=weight.dtype))
     return algo

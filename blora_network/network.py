@@ -29,7 +29,7 @@ try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
 except ImportError:  # pragma: no cover - depends on the installed LyCORIS
     _LYCORIS_ALGOS = None
 
-from .algos import algo_of, effective_alpha, kohya_layers, layer_shape, one_alpha, rank_and_alpha, restate_alpha
+from .algos import algo_of_tensors, effective_alpha, kohya_layers, one_alpha, rank_and_alpha, restate_alpha
 from .blocks import ROLES, role_of_kohya_name
 from .errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
 from .lycoris_guards import guard_lokr
@@ -118,7 +118,7 @@ def _record(lora, tensors=None) -> LayerRecord:
     ``tensors``: the module's tensors as they are saved, when not its own state.
     """
     tensors = lora.state_dict() if tensors is None else tensors
-    algo = algo_of(lora.lora_name, set(tensors), layer_shape(tensors))[0]
+    algo = algo_of_tensors(lora.lora_name, tensors)
     rank, alpha = rank_and_alpha(algo, tensors) if algo != "other" else (getattr(lora, "lora_dim", None), None)
     return LayerRecord(role=_role_of_lora(lora.lora_name), rank=rank, alpha=alpha)
 
@@ -335,14 +335,15 @@ class BLoRANetwork(LycorisNetworkKohya):
                 f"({len(mine)} modules, preset {self.preset.name!r}); it was trained for other layers "
                 "or another model. Use the same preset, or start without --network_weights"
             )
-        shapes = {f"{m.lora_name}.{k}": v.shape for m in self.loras for k, v in m.state_dict().items()}
+        own = {m.lora_name: m.state_dict() for m in self.loras}
+        shapes = {f"{name}.{k}": v.shape for name, tensors in own.items() for k, v in tensors.items()}
         for key, tensor in weights.items():
             if key in shapes and tuple(shapes[key]) != tuple(tensor.shape):
                 raise LoraFileError(
                     f"{file}: {key} has shape {tuple(tensor.shape)}, this network expects {tuple(shapes[key])}; "
                     "the file has another rank: set --network_dim to it or use --dim_from_weights"
                 )
-        weights = self._restated_to_own_alphas(weights)
+        weights = _restated_to_own_alphas(weights, own)
         self.weights_sd = weights
         if not any(True for _ in self.named_children()):  # before apply_to: LyCORIS's apply_to loads self.weights_sd
             return {"deferred until apply_to": True}
@@ -353,25 +354,6 @@ class BLoRANetwork(LycorisNetworkKohya):
         if unexpected:
             info["unexpected keys"] = unexpected
         return info
-
-    def _restated_to_own_alphas(self, weights: dict) -> dict:
-        """The file's LoRA layers restated to the alphas this network was built with (the same dW).
-
-        Saves store one alpha per file (:func:`blora_network.algos.one_alpha`), and a LyCORIS
-        module keeps the scale it was built with whatever ``alpha`` it loads, so a block trained
-        at alpha 4 gets its ``lora_up`` back from a file that stores alpha 8: resuming continues
-        from exactly the saved change.
-        """
-        layers = kohya_layers(weights)
-        out = dict(weights)
-        for lora in self.loras:
-            theirs, own = layers.get(lora.lora_name), lora.state_dict()
-            if not theirs or "lora_up.weight" not in theirs or "lora_up.weight" not in own or "alpha" not in own:
-                continue
-            restated = restate_alpha(theirs, own["alpha"].detach().to("cpu", torch.float32), dtype=torch.float32)
-            if restated is not theirs:
-                out.update({f"{lora.lora_name}.{k}": v for k, v in restated.items()})
-        return out
 
     def merge_to(self, text_encoder, unet, weights_sd, dtype, device):
         """``--base_weights`` and the image scripts' ``--network_merge``: bake each module into its layer.
@@ -486,6 +468,26 @@ class BLoRANetwork(LycorisNetworkKohya):
         preset = self.preset.name if self.preset.source == "built-in" else self.preset.source
         meta = training_metadata(metadata, records, preset=preset, lrs=self.options.block_lrs)
         write_safetensors_hashed(file, state, meta)
+
+
+def _restated_to_own_alphas(weights: dict, own_tensors: dict[str, dict]) -> dict:
+    """The file's LoRA layers restated to the alphas this network was built with (the same dW).
+
+    Saves store one alpha per file (:func:`blora_network.algos.one_alpha`), and a LyCORIS
+    module keeps the scale it was built with whatever ``alpha`` it loads, so a block trained
+    at alpha 4 gets its ``lora_up`` back from a file that stores alpha 8: resuming continues
+    from exactly the saved change.
+    """
+    layers = kohya_layers(weights)
+    out = dict(weights)
+    for name, own in own_tensors.items():
+        theirs = layers.get(name)
+        if not theirs or "lora_up.weight" not in theirs or "lora_up.weight" not in own or "alpha" not in own:
+            continue
+        restated = restate_alpha(theirs, own["alpha"].detach().to("cpu", torch.float32), dtype=torch.float32)
+        if restated is not theirs:
+            out.update({f"{name}.{k}": v for k, v in restated.items()})
+    return out
 
 
 def _refuse_unmatched_text_encoder(te, lyco_preset: dict) -> None:

@@ -21,7 +21,7 @@ import toml
 
 from .errors import BLoraError
 from .images import SDXL_PIXELS, ImageScan, scan_images
-from .sdscripts import SDXL_SCRIPT
+from .sdscripts import IMAGE_EXTENSIONS, SDXL_SCRIPT
 
 __all__ = ["Recipe", "PAPER", "LowVramOption", "LOWVRAM", "LOWVRAM_LEFT_OUT", "RecipeResult", "write_recipe",
            "training_config", "dataset_config", "add_arguments", "run"]
@@ -229,7 +229,7 @@ def _refuse_problems(scan: ImageScan) -> None:
         )
     if not scan.usable:
         raise BLoraError(
-            f"{scan.folder}: no image sd-scripts reads (it looks for {', '.join(sorted({'.png', '.jpg', '.jpeg', '.webp', '.bmp'}))}); "
+            f"{scan.folder}: no image sd-scripts reads (it looks for {', '.join(sorted({e.lower() for e in IMAGE_EXTENSIONS}))}); "
             "B-LoRA needs one image or more; nothing was written"
         )
 
