@@ -1,6 +1,6 @@
 """Issue 5, part 3: how long ``create_network`` takes on the full-size SDXL structure.
 
-The UNet is sd-scripts' full-size tree from ``blora_network.sdxl_unet`` on the meta device, and the
+The UNet is sd-scripts' full-size tree from ``blora_network.sdxl.unet`` on the meta device, and the
 two text encoders are transformers' CLIPTextModel (768 wide, 12 layers) and
 CLIPTextModelWithProjection (1280 wide, 32 layers) at SDXL's config, also on meta; they are
 passed to ``create_network`` as sd-scripts passes them. Every row is compared against a
@@ -106,8 +106,8 @@ def median_time(fn, reps: int) -> tuple[float, float, object]:
 def plain_lycoris(unet, dim: int):
     from lycoris.kohya import LycorisNetworkKohya
 
-    from blora_network.network import _lycoris_preset
-    from blora_network.presets import load_preset
+    from blora_network.network.kohya import _lycoris_preset
+    from blora_network.network.presets import load_preset
 
     preset = load_preset("content_style").lycoris_dict()
     with _lycoris_preset(preset):
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # its INFO lines would bury the table
     from blora_network import create_network
-    from blora_network.sdxl_unet import FULL, build_unet
+    from blora_network.sdxl.unet import FULL, build_unet
 
     info = common.machine("cpu")
     t0 = time.perf_counter()

@@ -295,7 +295,7 @@ def _status(field: str) -> int:
 def memory_child(args) -> None:
     mode, dim, variant = args.child.split(":", 2)
     dim = int(dim)
-    import blora_network.network  # noqa: F401  every variant's process holds LyCORIS and what it imports (~180 MB
+    import blora_network.network.kohya  # noqa: F401  every variant's process holds LyCORIS and what it imports (~180 MB
     # RSS: transformers, peft, dynamo), as sd-scripts' does; only ours would otherwise pay for it
     bench = Bench(args, mode, dim, [variant])
     cuda = bench.device.type == "cuda"

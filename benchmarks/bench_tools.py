@@ -74,8 +74,12 @@ import torch.nn as nn  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from blora_network import inspection, safefile, transforms  # noqa: E402
-from blora_network.blocks import BLOCKS  # noqa: E402
+from blora_network.tools import inspection
+
+from blora_network.files import safefile
+
+from blora_network.tools import transforms  # noqa: E402
+from blora_network.sdxl.blocks import BLOCKS  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "## 4. File tools"
@@ -90,7 +94,7 @@ PREFIX = {b.role: "lora_unet_" + b.ldm.replace(".", "_") + "_" for b in BLOCKS}
 def unet_layers(rank: int) -> tuple[list[tuple], int]:
     """``[(module path, in, out, kernel, rank or None)]`` as sd-scripts' networks.lora targets them
     (rank None: a 3x3 conv, at the conv rank), and the 3x3 convs' bytes per unit of conv rank (fp16)."""
-    from blora_network.sdxl_unet import FULL, build_unet
+    from blora_network.sdxl.unet import FULL, build_unet
 
     unet = build_unet(FULL, device="meta")
     out, per_conv_rank = [], 0
@@ -495,7 +499,9 @@ def profile(rows: list[Row], out: Path, top: int) -> str:
 def _phase_points():
     import threading
 
-    from blora_network import lorafile, measure
+    from blora_network.files import lorafile
+
+    from blora_network.files import measure
 
     # patched where they are looked up: each module binds the names it imports
     return [

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blora_network.sdxl_unet import FULL, TINY, UNetSize, build_unet
+from blora_network.sdxl.unet import FULL, TINY, UNetSize, build_unet
 
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 CONTENT, STYLE = "output_blocks.0.1", "output_blocks.1.1"
@@ -268,7 +268,7 @@ def whole_unet_lora_params(rank: int) -> dict:
     and every Linear inside ``CLIPAttention``/``CLIPMLP`` for the two text encoders.
     A LoRA on an (in -> out) Linear holds rank * (in + out) parameters.
     """
-    from blora_network.sdxl_unet import linear_layers, module_names
+    from blora_network.sdxl.unet import linear_layers, module_names
 
     transformers = [p for p, cls in module_names(FULL) if cls == "Transformer2DModel"]
     unet = [l for l in linear_layers(FULL) if any(l.name.startswith(t + ".") for t in transformers)]
@@ -284,7 +284,7 @@ def whole_unet_lora_params(rank: int) -> dict:
 
 def preset_layers(model: nn.Module, preset: str = "content_style") -> list[nn.Linear]:
     """The Linear layers a preset selects, by the preset's own matching (no LyCORIS involved)."""
-    from blora_network.presets import load_preset
+    from blora_network.network.presets import load_preset
 
     modules = dict(model.named_modules())
     chosen = set(load_preset(preset).select([(n, type(m).__name__) for n, m in modules.items() if n]))

@@ -12,7 +12,7 @@ __all__ = ["create_network", "create_network_from_weights", "__version__"]
 
 def __getattr__(name):
     if name in ("create_network", "create_network_from_weights"):
-        from . import network
+        from blora_network.network import kohya as network
 
         return getattr(network, name)
     raise AttributeError(f"module 'blora_network' has no attribute {name!r}")

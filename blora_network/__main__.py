@@ -1,5 +1,5 @@
 """``python -m blora_network``: the same as the ``blora-network`` command."""
 
-from .cli import main
+from blora_network.cli.main import main
 
 raise SystemExit(main())

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from blora_network.sdxl_unet import TINY, build_unet, random_inputs
+from blora_network.sdxl.unet import TINY, build_unet, random_inputs
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def batch():
 @pytest.fixture
 def text_encoders():
     pytest.importorskip("transformers")
-    from blora_network.sdxl_unet import build_text_encoders
+    from blora_network.sdxl.unet import build_text_encoders
 
     return build_text_encoders(seed=0)
 

@@ -38,8 +38,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import blora_network  # noqa: E402
-from blora_network.demo import teacher_target  # noqa: E402
-from blora_network.sdxl_unet import TINY, build_unet, random_inputs  # noqa: E402
+from blora_network.tools.demo import teacher_target  # noqa: E402
+from blora_network.sdxl.unet import TINY, build_unet, random_inputs  # noqa: E402
 
 PRESET = "content_style"
 DIM = 4

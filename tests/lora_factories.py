@@ -15,7 +15,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 from safetensors.torch import save_file
 
-from blora_network.blocks import BLOCKS, attention_layer_names
+from blora_network.sdxl.blocks import BLOCKS, attention_layer_names
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,9 @@ def full_attention_layers(roles: Iterable[str]) -> list[Layer]:
 
 
 def layers_of(size, *, roles: Optional[Iterable[str]] = None, attention_only: bool = False) -> list[Layer]:
-    """Linear layers of sd-scripts' SDXL UNet at ``size`` (from blora_network.sdxl_unet)."""
-    from blora_network.sdxl_names import is_attention_layer
-    from blora_network.sdxl_unet import linear_layers
+    """Linear layers of sd-scripts' SDXL UNet at ``size`` (from blora_network.sdxl.unet)."""
+    from blora_network.sdxl.names import is_attention_layer
+    from blora_network.sdxl.unet import linear_layers
 
     chosen = []
     ldms = [b.ldm for b in BLOCKS if roles is None or b.role in roles]

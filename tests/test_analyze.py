@@ -18,9 +18,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blora_network import analyze as analyze_mod
-from blora_network.analyze import ALMOST_NONE, DOMINANT_SHARE, LOW_COVERAGE, PART_SHARE, analyze
-from blora_network.cli import main
+from blora_network.tools import analyze as analyze_mod
+from blora_network.tools.analyze import ALMOST_NONE, DOMINANT_SHARE, LOW_COVERAGE, PART_SHARE, analyze
+from blora_network.cli.main import main
 from blora_network.errors import LoraFileError
 from lora_factories import (
     Layer,
@@ -115,14 +115,14 @@ ROLES = ("content", "style", "layout")
 
 def tiny_attention(roles):
     """The B-LoRA attention layers at the tiny test size (dense dW stays cheap)."""
-    from blora_network.sdxl_unet import TINY
+    from blora_network.sdxl.unet import TINY
 
     return layers_of(TINY, roles=roles, attention_only=True)
 
 
 @pytest.fixture(scope="module")
 def tiny_layers():
-    from blora_network.sdxl_unet import TINY
+    from blora_network.sdxl.unet import TINY
 
     return layers_of(TINY)
 
@@ -427,7 +427,7 @@ def test_plot_writes_a_valid_png_of_the_expected_size(tmp_path, whole):
     pytest.importorskip("matplotlib")
     from PIL import Image
 
-    from blora_network.plot import FIGSIZE, render
+    from blora_network.tools.plot import FIGSIZE, render
 
     out = render(analyze(whole), tmp_path / "chart.png")
     assert out == tmp_path / "chart.png" and out.stat().st_size > 10_000
@@ -446,7 +446,7 @@ def test_plot_writes_a_valid_png_of_the_expected_size(tmp_path, whole):
 
 def test_plot_refuses_what_it_must_not_write(tmp_path, whole):
     pytest.importorskip("matplotlib")
-    from blora_network.plot import render
+    from blora_network.tools.plot import render
 
     rep = analyze(whole)
     (tmp_path / "old.png").write_bytes(b"x")

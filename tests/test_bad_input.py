@@ -19,11 +19,11 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import blora_network
-from blora_network.cli import main as cli_main
+from blora_network.cli.main import main as cli_main
 from blora_network.errors import LoraFileError, NetworkArgsError, PresetError
-from blora_network.presets import builtin_names, load_preset
-from blora_network.safefile import MAX_METADATA_BYTES, load_tensors, read_metadata, write_safetensors_hashed
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.network.presets import builtin_names, load_preset
+from blora_network.files.safefile import MAX_METADATA_BYTES, load_tensors, read_metadata, write_safetensors_hashed
+from blora_network.sdxl.unet import TINY, build_unet
 from lora_factories import Layer, write_kohya, write_sd1
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import blora_network
-from blora_network.algos import delta_weight
-from blora_network.blocks import role_of_kohya_name
-from blora_network.safefile import load_tensors, read_metadata
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.files.algos import delta_weight
+from blora_network.sdxl.blocks import role_of_kohya_name
+from blora_network.files.safefile import load_tensors, read_metadata
+from blora_network.sdxl.unet import TINY, build_unet
 
 
 def make(unet, dim=8, **kwargs):

@@ -16,11 +16,11 @@ import re
 
 import pytest
 
-from blora_network.blocks import BLOCKS
-from blora_network.blockweights import LBW_SDXL_BLOCKS, inspire_blocks, lbw_slot
-from blora_network.cli import main as cli_main
-from blora_network.inspection import inspect
-from blora_network.sdxl_unet import TINY
+from blora_network.sdxl.blocks import BLOCKS
+from blora_network.tools.blockweights import LBW_SDXL_BLOCKS, inspire_blocks, lbw_slot
+from blora_network.cli.main import main as cli_main
+from blora_network.tools.inspection import inspect
+from blora_network.sdxl.unet import TINY
 from lora_factories import layers_of, text_encoder_lora, write_kohya
 
 BLOCKID12 = ["BASE", "IN04", "IN05", "IN07", "IN08", "M00", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"]
@@ -77,7 +77,7 @@ def comfy_key(layer) -> str:
 
 def applied(path, vectors):
     """{vector name: {layer name: (weight in A1111/Forge, weight in ComfyUI)}} for a real file."""
-    from blora_network.lorafile import open_lora
+    from blora_network.files.lorafile import open_lora
 
     lora = open_lora(path)
     layers = list(lora.layers.values())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from blora_network.cli import main
+from blora_network.cli.main import main
 from lora_factories import (
     Layer,
     assert_one_line_cli_error,
@@ -51,7 +51,7 @@ def blora(tmp_path):
 
 def test_help_and_usage_errors_do_not_import_torch():
     """Building the parser (``--help``, a wrong command line) must not pay torch's ~1.5 s import."""
-    code = ("import sys; from blora_network.cli import main\n"
+    code = ("import sys; from blora_network.cli.main import main\n"
             "for argv in (['--help'], ['split', '--help'], ['demo', '--help'], ['nosuchcommand']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "heavy = sorted(m for m in ('torch', 'lycoris', 'safetensors.torch') if m in sys.modules)\n"
@@ -77,7 +77,7 @@ def test_top_level_help_lists_the_subcommands_and_demo_when_present(capsys):
         assert c in out
     import importlib.util
 
-    assert ("demo" in out) == (importlib.util.find_spec("blora_network.demo") is not None)
+    assert ("demo" in out) == (importlib.util.find_spec("blora_network.tools.demo") is not None)
 
 
 # -- presets and plan ---------------------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_plan_refuses_a_preset_that_matches_nothing_as_training_does(capsys, tmp
     assert_one_line_cli_error(code, out, err, "matches no Linear layer", "sd-scripts' LDM names", command="plan")
     from blora_network import create_network
     from blora_network.errors import PresetError
-    from blora_network.sdxl_unet import TINY, build_unet
+    from blora_network.sdxl.unet import TINY, build_unet
 
     with pytest.raises(PresetError) as training:
         create_network(1.0, 4, 4, None, None, build_unet(TINY), preset=str(preset))
@@ -321,8 +321,8 @@ def test_json_stdout_is_one_document_whatever_the_work_prints(tmp_path, blora):
     code = (
         "import logging, os, sys\n"
         "noisy = logging.getLogger('noisy'); noisy.addHandler(logging.StreamHandler(sys.stdout)); noisy.setLevel(20)\n"
-        "from blora_network import inspection\n"
-        "from blora_network.cli import main\n"
+        "from blora_network.tools import inspection\n"
+        "from blora_network.cli.main import main\n"
         "real = inspection.inspect\n"
         "def inspect_noisily(*a, **k):\n"
         "    print('\\x1b[32mINFO\\x1b[0m: a printed line')\n"
@@ -360,7 +360,7 @@ def test_a_closed_pipe_is_a_quiet_exit():
 
 
 def test_norm_columns_have_the_same_decimals_in_every_row(capsys, tmp_path):
-    from blora_network.cli import _norm
+    from blora_network.cli.main import _norm
 
     assert [_norm(x) for x in (0.05, 1.2345678, 12.5, 1234.5)] == ["0.0500", "1.2346", "12.5000", "1234.5000"]
     assert _norm(0.0) == "0.0000" and _norm(2e-5) == "2.000e-05" and _norm(3e6) == "3.000e+06"

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import blora_network
-from blora_network.demo import teacher_target
-from blora_network.sdxl_unet import TINY, build_unet, random_inputs
+from blora_network.tools.demo import teacher_target
+from blora_network.sdxl.unet import TINY, build_unet, random_inputs
 
 pytestmark = [
     pytest.mark.cuda,

@@ -22,8 +22,8 @@ import blora_network
 import ddp_worker
 import deepspeed_worker as worker
 from blora_network.errors import NetworkArgsError
-from blora_network.safefile import load_tensors, read_metadata
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.files.safefile import load_tensors, read_metadata
+from blora_network.sdxl.unet import TINY, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORKER = Path(worker.__file__).resolve()

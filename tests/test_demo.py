@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from blora_network.cli import main
-from blora_network.demo import choose_threads, resolve_device, train
+from blora_network.cli.main import main
+from blora_network.tools.demo import choose_threads, resolve_device, train
 from blora_network.errors import DeviceError
-from blora_network.safefile import read_metadata
+from blora_network.files.safefile import read_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,7 +67,7 @@ def test_threads_are_chosen_on_purpose_and_restored(tmp_path):
     assert choose_threads(torch.device("meta"), None) is None  # not the CPU: no thread setting
     before = torch.get_num_threads()
     seen = []
-    import blora_network.demo as demo
+    import blora_network.tools.demo as demo
 
     real = demo._train
 

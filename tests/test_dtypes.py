@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from blora_network.algos import delta_weight
-from blora_network.cli import main
+from blora_network.files.algos import delta_weight
+from blora_network.cli.main import main
 from lora_factories import full_attention_layers, kohya_name, write_diffusers, write_kohya
 
 pytestmark = pytest.mark.usefixtures("one_thread")

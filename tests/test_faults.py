@@ -21,12 +21,12 @@ import pytest
 import torch
 
 import blora_network
-import blora_network.safefile as safefile
+import blora_network.files.safefile as safefile
 import lycoris.kohya as lycoris_kohya
-from blora_network.cli import main as cli_main
-from blora_network.demo import teacher_target
-from blora_network.safefile import load_tensors, open_safetensors, read_metadata, write_safetensors_hashed
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.cli.main import main as cli_main
+from blora_network.tools.demo import teacher_target
+from blora_network.files.safefile import load_tensors, open_safetensors, read_metadata, write_safetensors_hashed
+from blora_network.sdxl.unet import TINY, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -135,7 +135,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    import blora_network.safefile as safefile
+    import blora_network.files.safefile as safefile
     from safetensors.torch import save
 
     def slow_save_file(tensors, filename, metadata=None):  # a slow disk: 1 MiB per 20 ms
@@ -147,7 +147,7 @@ KILLED_WRITER = textwrap.dedent(
                 time.sleep(0.02)
 
     safefile.st_save_file = slow_save_file
-    from blora_network.cli import main
+    from blora_network.cli.main import main
     sys.exit(main(sys.argv[1:]))
     """
 )

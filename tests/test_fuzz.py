@@ -19,11 +19,11 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from blora_network.cli import main as cli_main
+from blora_network.cli.main import main as cli_main
 from blora_network.errors import LoraFileError, PresetError
-from blora_network.safefile import load_weights_file as read_weights
-from blora_network.presets import BLOCK_SETTING_KEYS, Preset, load_preset
-from blora_network.safefile import load_tensors, open_safetensors, read_header_layout, read_metadata, write_safetensors_hashed
+from blora_network.files.safefile import load_weights_file as read_weights
+from blora_network.network.presets import BLOCK_SETTING_KEYS, Preset, load_preset
+from blora_network.files.safefile import load_tensors, open_safetensors, read_header_layout, read_metadata, write_safetensors_hashed
 
 pytestmark = pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch.load on random bytes
 

@@ -1,4 +1,4 @@
-"""Every call sd-scripts makes on a network (blora_network.hostcalls.HOST_CALLS), in the host's order.
+"""Every call sd-scripts makes on a network (blora_network.network.hostcalls.HOST_CALLS), in the host's order.
 
 The training walk follows train_network.py from --base_weights to save_weights; the inference
 walks follow sdxl_gen_img.py / gen_img.py with --network_pre_calc and with regional prompts
@@ -17,9 +17,9 @@ import torch
 
 import blora_network
 from blora_network.errors import BLoraError, NetworkArgsError
-from blora_network.hostcalls import HOST_CALLS, INFERENCE, TRAINING, provided
-from blora_network.regions import mask_sizes
-from blora_network.sdxl_unet import TINY, build_unet, random_inputs
+from blora_network.network.hostcalls import HOST_CALLS, INFERENCE, TRAINING, provided
+from blora_network.network.regions import mask_sizes
+from blora_network.sdxl.unet import TINY, build_unet, random_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LATENT = 16  # 16x16 latents: token grids 16x16, 8x8, 4x4

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from blora_network.blocks import BLOCKS, attention_layer_names
+from blora_network.sdxl.blocks import BLOCKS, attention_layer_names
 from blora_network.errors import LoraFileError
-from blora_network.algos import delta_norm_sq, delta_weight, scale_tensors
-from blora_network.lorafile import guess_model, open_lora
-from blora_network.sdxl_names import diffusers_path_of_kohya_name, kohya_name_of_diffusers_path
+from blora_network.files.algos import delta_norm_sq, delta_weight, scale_tensors
+from blora_network.files.lorafile import guess_model, open_lora
+from blora_network.sdxl.names import diffusers_path_of_kohya_name, kohya_name_of_diffusers_path
 from lora_factories import (
     Layer,
     full_attention_layers,

@@ -17,9 +17,9 @@ import torch
 
 import blora_network
 from blora_network.errors import NetworkArgsError
-from blora_network.merge import WeightBackup, merged_weight, module_algo
-from blora_network.lycoris_guards import lokr_bypass_leaves_out_scale
-from blora_network.sdxl_unet import TINY, build_unet, random_inputs
+from blora_network.network.merge import WeightBackup, merged_weight, module_algo
+from blora_network.network.guards import lokr_bypass_leaves_out_scale
+from blora_network.sdxl.unet import TINY, build_unet, random_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _PRISTINE = {}

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import ddp_worker as worker
-from blora_network.safefile import load_tensors, read_metadata
+from blora_network.files.safefile import load_tensors, read_metadata
 
 pytest.importorskip("accelerate")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():  # pragma: no cover

@@ -15,9 +15,9 @@ import torch.nn as nn
 import blora_network
 import lycoris.kohya as lycoris_kohya
 from blora_network.errors import LoraFileError, NetworkArgsError, PresetError
-from blora_network.options import parse_bool
-from blora_network.safefile import read_metadata
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.network.options import parse_bool
+from blora_network.files.safefile import read_metadata
+from blora_network.sdxl.unet import TINY, build_unet
 
 
 def make(unet, dim=4, network_alpha=1, **kwargs):

@@ -3,7 +3,7 @@
 diffusers' kohya loader (0.32 on) turns per-layer alphas into PEFT ``alpha_pattern`` keys that
 keep the old ``...processor.to_k_lora.down.weight`` spelling and match no module, so every layer
 gets the file's most common alpha. Our writers store one alpha per file instead, each layer's
-``lora_up`` carrying its own alpha / that alpha (:func:`blora_network.algos.one_alpha`): the same
+``lora_up`` carrying its own alpha / that alpha (:func:`blora_network.files.algos.one_alpha`): the same
 change dW = (alpha / rank) * up @ down for every client.
 
 The diffusers checks go through ``StableDiffusionXLPipeline.load_lora_weights``, the call a user
@@ -25,13 +25,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import blora_network
-from blora_network import transforms
-from blora_network.algos import delta_weight, kohya_layers, one_alpha, rank_and_alpha, restate_alpha
-from blora_network.blocks import role_of_kohya_name
-from blora_network.metadata import LayerRecord, network_dim_alpha
-from blora_network.safefile import load_tensors, read_metadata
-from blora_network.sdxl_names import diffusers_path_of_kohya_name
-from blora_network.sdxl_unet import TINY, build_unet, random_inputs
+from blora_network.tools import transforms
+from blora_network.files.algos import delta_weight, kohya_layers, one_alpha, rank_and_alpha, restate_alpha
+from blora_network.sdxl.blocks import role_of_kohya_name
+from blora_network.files.metadata import LayerRecord, network_dim_alpha
+from blora_network.files.safefile import load_tensors, read_metadata
+from blora_network.sdxl.names import diffusers_path_of_kohya_name
+from blora_network.sdxl.unet import TINY, build_unet, random_inputs
 from lora_factories import blora_metadata_like_training, kohya_name, layers_of, lora_tensors, lycoris_module, lycoris_state
 
 ATTN = [m for m in layers_of(TINY, roles=["content", "style", "layout"], attention_only=True)
@@ -85,7 +85,7 @@ def intended_dw(sources: dict[str, Path], weights: dict[str, float]) -> dict[str
 
 
 def _role_of_diffusers(path: str):
-    from blora_network.blocks import BLOCKS
+    from blora_network.sdxl.blocks import BLOCKS
 
     return next((b.role for b in BLOCKS if path.startswith(b.diffusers + ".")), None)
 
@@ -427,7 +427,7 @@ def test_a_file_with_one_alpha_is_written_as_before(tmp_path):
 
 def test_inspect_does_not_flag_the_one_alpha_of_a_mixed_rank_file(tmp_path, sources):
     """content rank 8 / alpha 8 + style rank 4 / alpha 4 stores alpha 8 for both: no 'alpha differs from rank'."""
-    from blora_network.inspection import inspect
+    from blora_network.tools.inspection import inspect
 
     per_role = sources["per_role"]
     out = tmp_path / "cs.safetensors"

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import toml
 
-from blora_network.blocks import block_pattern, lookup_block
+from blora_network.sdxl.blocks import block_pattern, lookup_block
 from blora_network.errors import PresetError
-from blora_network.presets import BUILTIN_ROLES, builtin_names, builtin_preset_text, load_preset
-from blora_network.sdxl_names import is_attention_layer
-from blora_network.sdxl_unet import FULL, module_names
+from blora_network.network.presets import BUILTIN_ROLES, builtin_names, builtin_preset_text, load_preset
+from blora_network.sdxl.names import is_attention_layer
+from blora_network.sdxl.unet import FULL, module_names
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = {
@@ -27,7 +27,7 @@ EXPECTED = {
 }
 
 
-BUILTIN_DIR = ROOT / "blora_network" / "builtin_presets"
+BUILTIN_DIR = ROOT / "blora_network" / "network" / "builtin_presets"
 
 
 def test_builtin_names_are_the_five_toml_files_beside_the_loader():
@@ -131,7 +131,7 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.slow
 def test_wheel_ships_the_presets(tmp_path):
-    """A plain `pip install .` must resolve built-in names: the TOML files are inside the wheel."""
+    """A plain `pip install .` must resolve built-in names and import every subpackage: all are in the wheel."""
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
         check=True,
@@ -139,5 +139,6 @@ def test_wheel_ships_the_presets(tmp_path):
     wheel = next(tmp_path.glob("blora_network-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for name in EXPECTED:
-        assert f"blora_network/builtin_presets/{name}.toml" in names
-    assert "blora_network/network.py" in names
+        assert f"blora_network/network/builtin_presets/{name}.toml" in names
+    source = {str(p.relative_to(ROOT)).replace("\\", "/") for p in (ROOT / "blora_network").rglob("*.py")}
+    assert source - set(names) == set(), "modules of the source tree missing from the wheel"

@@ -10,8 +10,8 @@ import pytest
 import toml
 from PIL import Image
 
-from blora_network.cli import main as cli_main
-from blora_network.recipe import LOWVRAM, PAPER, toml_value
+from blora_network.cli.main import main as cli_main
+from blora_network.sdscripts.recipe import LOWVRAM, PAPER, toml_value
 from sdscripts_schema import dataset_problems, real_sd_scripts, training_args, training_problems
 
 
@@ -120,7 +120,7 @@ def test_lowvram_options_exist_in_sd_scripts_and_are_explained(good, tmp_path, c
         assert f"--lowvram: {option.key} = true" in text and option.source in text
     assert (values["network_dim"], values["network_alpha"], values["network_args"]) == (32, 32.0, ["preset=style"])
     assert "leaves out optimizer_type=AdamW8bit" in text
-    from blora_network.runcheck import check_config
+    from blora_network.sdscripts.check import check_config
 
     assert check_config(tmp_path / "out" / "ink.toml").findings == []  # check finds nothing wrong with a recipe
 
@@ -143,7 +143,7 @@ def test_strings_read_back_exactly(value):
 
 
 def test_a_preset_file_is_written_as_an_absolute_path(good, tmp_path, monkeypatch, capsys):
-    from blora_network.presets import builtin_preset_text
+    from blora_network.network.presets import builtin_preset_text
 
     monkeypatch.chdir(tmp_path)
     Path("mine.toml").write_text(builtin_preset_text("content"))

@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import blora_network
-from blora_network.algos import effective_alpha
-from blora_network.cli import main
-from blora_network.metadata import LayerRecord, network_dim_alpha
-from blora_network.safefile import read_metadata
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.files.algos import effective_alpha
+from blora_network.cli.main import main
+from blora_network.files.metadata import LayerRecord, network_dim_alpha
+from blora_network.files.safefile import read_metadata
+from blora_network.sdxl.unet import TINY, build_unet
 from lora_factories import full_attention_layers, write_kohya
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,17 +65,17 @@ def test_alpha_zero_means_alpha_equals_rank_everywhere(tmp_path, capsys):
     capsys.readouterr()
     assert read_metadata(tmp_path / "x.safetensors")["ss_network_alpha"] == "4.0"
     # LyCORIS reads the file the same way: alpha 0 -> scale 1
-    from blora_network.lorafile import open_lora
+    from blora_network.files.lorafile import open_lora
 
     lora = open_lora(path)
     with lora.reader() as r:
-        from blora_network.algos import module_scale
+        from blora_network.files.algos import module_scale
 
         assert {module_scale("lora", r.tensors(m)) for m in lora.layers.values()} == {1.0}
 
 
 def test_an_unforeseen_error_is_still_one_line_with_its_own_status(tmp_path, capsys, monkeypatch):
-    from blora_network import inspection
+    from blora_network.tools import inspection
 
     def broken(*args, **kwargs):
         raise TypeError("unsupported operand")

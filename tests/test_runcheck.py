@@ -9,13 +9,13 @@ import pytest
 import toml
 
 import blora_network
-from blora_network.cli import main as cli_main
+from blora_network.cli.main import main as cli_main
 from blora_network.errors import BLoraError
-from blora_network.presets import builtin_preset_text
-from blora_network.recipe import training_config
-from blora_network.runcheck import check_command_line, check_config
-from blora_network.sdscripts import SD_ARGS
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.network.presets import builtin_preset_text
+from blora_network.sdscripts.recipe import training_config
+from blora_network.sdscripts.check import check_command_line, check_config
+from blora_network.sdscripts.args import SD_ARGS
+from blora_network.sdxl.unet import TINY, build_unet
 from sdscripts_schema import OPTION_KINDS, real_sd_scripts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -199,7 +199,7 @@ def test_option_kinds_agree_with_sd_scripts_parser():
             assert action.type in (str, None) or action.type.__name__ == "Path", name
         if arg.choices:
             assert set(arg.choices) <= set(action.choices), name
-    from blora_network.sdscripts import close_option
+    from blora_network.sdscripts.args import close_option
 
     looks_misspelt = [n for n in actions if n not in SD_ARGS and close_option(n)]
     assert looks_misspelt == []  # a real option is never reported as a misspelling

@@ -1,4 +1,4 @@
-"""blora_network.sdxl_unet: sd-scripts' SDXL UNet tree, exact at full size (on meta) and at TINY width."""
+"""blora_network.sdxl.unet: sd-scripts' SDXL UNet tree, exact at full size (on meta) and at TINY width."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-import blora_network.sdxl_unet as sdxl
-from blora_network.sdxl_unet import FULL, TINY, UNetSize, build_unet, linear_layers, module_names, random_inputs
+import blora_network.sdxl.unet as sdxl
+from blora_network.sdxl.unet import FULL, TINY, UNetSize, build_unet, linear_layers, module_names, random_inputs
 
 BLORA_BLOCKS = ("output_blocks.0.1", "output_blocks.1.1", "input_blocks.8.1")  # content, style, layout
 ATTENTION = re.compile(r"\.transformer_blocks\.\d+\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$")

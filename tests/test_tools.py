@@ -15,9 +15,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from blora_network import inspection, transforms
+from blora_network.tools import inspection
+
+from blora_network.tools import transforms
 from blora_network.errors import LoraFileError
-from blora_network.safefile import model_hashes, read_header_layout, write_safetensors_hashed
+from blora_network.files.safefile import model_hashes, read_header_layout, write_safetensors_hashed
 from lora_factories import (
     Layer,
     blora_metadata_like_training,
@@ -136,7 +138,7 @@ def test_hash_order_is_the_written_layout_for_mixed_dtypes_and_names():
     (else the hash is taken again from the file: right, but slower)."""
     from safetensors.torch import save
 
-    from blora_network.safefile import _data_order, _layout_is
+    from blora_network.files.safefile import _data_order, _layout_is
 
     names = ["b.alpha", "a.lora_up.weight", "Z_x", "é1", "a_b", "a.lora_down.weight", "_"]
     dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.int8, torch.float64, torch.uint8, torch.bool]
@@ -148,7 +150,7 @@ def test_hash_order_is_the_written_layout_for_mixed_dtypes_and_names():
 
 def test_tools_fsync_only_when_replacing_a_file(tmp_path, monkeypatch, trained):
     """A new output is not fsynced (the inputs are never touched); replacing one is."""
-    import blora_network.safefile as safefile
+    import blora_network.files.safefile as safefile
 
     synced = []
     real = safefile.os.fsync
@@ -367,7 +369,7 @@ def test_scale_loha_and_lokr_from_lycoris_and_refuse_dora(tmp_path):
 # -- extract ----------------------------------------------------------------------------------
 
 def test_extract_keeps_exactly_the_80_attention_layers_per_block_of_a_full_unet_lora(tmp_path):
-    from blora_network.sdxl_unet import FULL
+    from blora_network.sdxl.unet import FULL
 
     from lora_factories import layers_of
 
@@ -390,7 +392,7 @@ def test_extract_keeps_exactly_the_80_attention_layers_per_block_of_a_full_unet_
 
 
 def test_extract_from_diffusers_named_kohya_and_refuse_missing_block(tmp_path):
-    from blora_network.sdxl_unet import TINY
+    from blora_network.sdxl.unet import TINY
 
     from lora_factories import layers_of
 
@@ -549,7 +551,7 @@ def test_tools_read_only_the_tensors_they_keep(tmp_path, tool):
 def test_written_files_load_in_lycoris_on_the_right_block(tmp_path):
     from lycoris.kohya import create_network_from_weights
 
-    from blora_network.sdxl_unet import TINY, build_unet
+    from blora_network.sdxl.unet import TINY, build_unet
 
     from lora_factories import layers_of
 
@@ -573,7 +575,7 @@ def test_written_files_load_in_lycoris_on_the_right_block(tmp_path):
 def test_lycoris_loads_scaled_loha_and_lokr_files_with_the_scaled_change(tmp_path):
     from lycoris.kohya import create_network_from_weights
 
-    from blora_network.sdxl_unet import TINY, build_unet
+    from blora_network.sdxl.unet import TINY, build_unet
 
     from lora_factories import layers_of
 
@@ -619,8 +621,8 @@ def _tiny_diffusers_pipeline():
 
 def _diffusers_blora_layers(unet, roles) -> list[Layer]:
     """The pipeline UNet's attention Linear layers in the B-LoRA blocks, by LDM name."""
-    from blora_network.blocks import BLOCKS
-    from blora_network.sdxl_names import is_attention_layer
+    from blora_network.sdxl.blocks import BLOCKS
+    from blora_network.sdxl.names import is_attention_layer
 
     out = []
     for b in BLOCKS:

@@ -15,8 +15,8 @@ import torch
 
 import blora_network
 from blora_network.errors import NetworkArgsError, PresetError
-from blora_network.network import TEXT_ENCODER_ATTENTION_CLASSES
-from blora_network.sdxl_unet import TINY, build_unet
+from blora_network.network.kohya import TEXT_ENCODER_ATTENTION_CLASSES
+from blora_network.sdxl.unet import TINY, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .blocks import parse_roles
+from blora_network.sdxl.blocks import parse_roles
 
 __all__ = ["roles", "weight", "positive_int"]
 

@@ -29,18 +29,26 @@ try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
 except ImportError:  # pragma: no cover - depends on the installed LyCORIS
     _LYCORIS_ALGOS = None
 
-from .algos import algo_of_tensors, effective_alpha, kohya_layers, one_alpha, rank_and_alpha, restate_alpha
-from .blocks import ROLES, role_of_kohya_name
-from .errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
-from .lycoris_guards import guard_lokr
+from blora_network.errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
+from blora_network.files.algos import (
+    algo_of_tensors,
+    effective_alpha,
+    kohya_layers,
+    one_alpha,
+    rank_and_alpha,
+    restate_alpha,
+)
+from blora_network.files.metadata import LayerRecord, network_dim_alpha, training_metadata
+from blora_network.files.safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
+from blora_network.sdxl.blocks import ROLES, role_of_kohya_name
+from blora_network.sdxl.names import kohya_module_name, text_encoder_index
+
+from .guards import guard_lokr
 from .merge import WeightBackup, merge_module
-from .metadata import LayerRecord, network_dim_alpha, training_metadata
 from .modelcheck import check_preset_matches, unwrap_unet
 from .options import LORAPLUS_KEYS, NetworkOptions, block_algo_map, choose_bypass, lycoris_kwargs, parse_network_args
 from .presets import Preset, load_preset
 from .regions import InferenceHooks, RegionState
-from .safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
-from .sdxl_names import kohya_module_name, text_encoder_index
 
 __all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "network_options", "TEXT_ENCODER_ATTENTION_CLASSES"]
 
@@ -454,7 +462,7 @@ class BLoRANetwork(LycorisNetworkKohya):
     def save_weights(self, file, dtype, metadata):
         """Write an ordinary kohya LoRA file, atomically, with the effective dim/alpha and blora_* keys.
 
-        The file stores one alpha (:func:`blora_network.algos.one_alpha`): blocks trained at
+        The file stores one alpha (:func:`blora_network.files.algos.one_alpha`): blocks trained at
         different alphas keep their change, which diffusers then loads right too.
         """
         state = one_alpha({k: v.detach().to("cpu") for k, v in self.state_dict().items()}, dtype=dtype)
@@ -473,7 +481,7 @@ class BLoRANetwork(LycorisNetworkKohya):
 def _restated_to_own_alphas(weights: dict, own_tensors: dict[str, dict]) -> dict:
     """The file's LoRA layers restated to the alphas this network was built with (the same dW).
 
-    Saves store one alpha per file (:func:`blora_network.algos.one_alpha`), and a LyCORIS
+    Saves store one alpha per file (:func:`blora_network.files.algos.one_alpha`), and a LyCORIS
     module keeps the scale it was built with whatever ``alpha`` it loads, so a block trained
     at alpha 4 gets its ``lora_up`` back from a file that stores alpha 8: resuming continues
     from exactly the saved change.

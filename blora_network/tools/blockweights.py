@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from .blocks import lookup_block
+from blora_network.sdxl.blocks import lookup_block
 
 __all__ = ["LBW_SDXL_BLOCKS", "BlockWeights", "lbw_slot", "lbw_vector", "inspire_blocks", "inspire_vector",
            "block_weight_vectors"]

@@ -1,6 +1,6 @@
 """A folder of training images as sd-scripts' DreamBooth dataset will see it, checked before the run.
 
-What sd-scripts does (``library/train_util.py``, see :mod:`blora_network.sdscripts`): it takes
+What sd-scripts does (``library/train_util.py``, see :mod:`blora_network.sdscripts.args`): it takes
 the files whose extension is in ``IMAGE_EXTENSIONS`` (case-sensitive on Linux), opens each
 one when it caches latents (a file that is not an image stops the run there), reads
 ``<stem><caption_extension>`` as the caption (first line, UTF-8; an empty file fails an
@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import BLoraError
-from .sdscripts import IMAGE_EXTENSIONS
+from blora_network.errors import BLoraError
+
+from .args import IMAGE_EXTENSIONS
 
 __all__ = ["ImageInfo", "ImageScan", "scan_images", "SDXL_PIXELS", "CAPTION_EXTENSIONS"]
 

@@ -1,7 +1,7 @@
 """What the installed LyCORIS gets wrong, found by measuring it, and how the network guards against it.
 
 Each guard names the fault and the fix in its message. The merge fault (LoHa/LoKr merged at
-(alpha/dim)^2) is avoided in :mod:`blora_network.merge`; the LoKr faults are here. Facts in
+(alpha/dim)^2) is avoided in :mod:`blora_network.network.merge`; the LoKr faults are here. Facts in
 ``shared/reference/lycoris-notes.md``.
 """
 
@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from .errors import NetworkArgsError
+from blora_network.errors import NetworkArgsError
 
 __all__ = ["guard_lokr", "lokr_bypass_leaves_out_scale"]
 

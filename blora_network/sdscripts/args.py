@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from . import tomlfile
-from .errors import BLoraError
+from blora_network import tomlfile
+from blora_network.errors import BLoraError
 
 __all__ = ["SdArg", "SD_ARGS", "IMAGE_EXTENSIONS", "SDXL_SCRIPT", "REAL_NEIGHBOURS", "TrainingArgs", "read_toml",
            "read_training_config", "parse_command_line", "config_args", "split_network_arg", "type_problem",

@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from .blocks import BLOCKS, ROLES
-from .errors import NetworkArgsError
+from blora_network.errors import NetworkArgsError
+from blora_network.sdxl.blocks import BLOCKS, ROLES
 
 __all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS", "LORAPLUS_KEYS",
            "choose_bypass", "block_algo_map", "lycoris_kwargs"]

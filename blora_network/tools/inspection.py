@@ -15,12 +15,13 @@ from typing import Any, Optional
 
 import torch
 
-from .algos import all_finite, effective_alpha, alpha_value
-from .blocks import BLOCKS, ROLES
+from blora_network.files.algos import all_finite, alpha_value, effective_alpha
+from blora_network.files.lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
+from blora_network.files.measure import Progress, layer_norm_sq
+from blora_network.files.metadata import KEY_PRESET, KEY_WEIGHTS
+from blora_network.sdxl.blocks import BLOCKS, ROLES
+
 from .blockweights import BlockWeights, block_weight_vectors
-from .lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
-from .measure import Progress, layer_norm_sq
-from .metadata import KEY_PRESET, KEY_WEIGHTS
 
 __all__ = ["BlockReport", "InspectReport", "inspect", "TRAINING_KEYS"]
 

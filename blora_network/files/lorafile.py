@@ -7,9 +7,9 @@ reads only the header to build that view (:class:`LoraFile`), and reads tensors 
 asked, through one read loop (:meth:`TensorReader.read`) that owns prefetching, the progress
 count and the NaN/Inf check, so a tool touches the tensors it keeps and nothing else.
 
-Every spelling :mod:`blora_network.sdxl_names` knows (kohya, kohya with diffusers block
+Every spelling :mod:`blora_network.sdxl.names` knows (kohya, kohya with diffusers block
 names, diffusers, PEFT) is mapped to one canonical name per layer, the kohya name sd-scripts'
-SDXL UNet gives it. The per-algorithm arithmetic is :mod:`blora_network.algos`.
+SDXL UNet gives it. The per-algorithm arithmetic is :mod:`blora_network.files.algos`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,9 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from .algos import algo_of, all_finite
-from .blocks import BLOCKS, lookup_block, role_of_kohya_name
-from .errors import LoraFileError
-from .measure import Progress, progress_bar, torch_threads
-from .safefile import open_safetensors, read_header_layout
-from .metadata import KEY_DEMO
-from .sdxl_names import (
+from blora_network.errors import LoraFileError
+from blora_network.sdxl.blocks import BLOCKS, lookup_block, role_of_kohya_name
+from blora_network.sdxl.names import (
     CONTEXT_WIDTH_MODEL,
     SD_BLOCK_WIDTHS,
     SDXL_BLOCK_WIDTHS,
@@ -41,6 +37,11 @@ from .sdxl_names import (
     parse_lora_key,
     transformer_block_of,
 )
+
+from .algos import algo_of, all_finite
+from .measure import Progress, progress_bar, torch_threads
+from .metadata import KEY_DEMO
+from .safefile import open_safetensors, read_header_layout
 
 DEMO_TEXT = ("made by blora-network demo for its tiny SDXL-shaped UNet (64 channels at the widest, 32-wide text): "
              "for trying the tools only; it does not load on SDXL")
@@ -206,7 +207,7 @@ class TensorReader:
 
         It announces the reads to the kernel (:meth:`prefetch`), counts bytes on a progress
         bar, runs torch on one thread (the per-layer work is small; see
-        :mod:`blora_network.measure`), and refuses a layer holding NaN or Inf unless
+        :mod:`blora_network.files.measure`), and refuses a layer holding NaN or Inf unless
         ``refuse_nonfinite`` is False (inspect and analyze report those instead).
         """
         self.prefetch(layers, extra_keys)

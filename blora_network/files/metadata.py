@@ -11,7 +11,7 @@ blocks differ in rank is described by its largest block, as sd-scripts' own load
 the per-block ranks are in ``blora_block_dims``.
 
 Every file we write stores one alpha for its LoRA layers, the one :func:`network_dim_alpha`
-names (:func:`blora_network.algos.one_alpha`: a layer trained at another alpha carries the
+names (:func:`blora_network.files.algos.one_alpha`: a layer trained at another alpha carries the
 ratio in its ``lora_up``), so ``ss_network_alpha`` is every LoRA layer's alpha and
 ``blora_block_alphas`` records the alpha each block's layers store: that same value for every
 LoRA block (a LoHa/LoKr block keeps its own). A training save's per-block settings stay in
@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .blocks import BLOCKS, ROLES
+from blora_network.sdxl.blocks import BLOCKS, ROLES
 
 __all__ = [
     "KEY_VERSION",
@@ -75,7 +75,7 @@ class LayerRecord:
     """``content``, ``style``, ``layout`` or None."""
     rank: Optional[int]
     alpha: Optional[float]
-    """The effective alpha (:func:`blora_network.algos.effective_alpha`)."""
+    """The effective alpha (:func:`blora_network.files.algos.effective_alpha`)."""
 
 
 def network_dim_alpha(records: Iterable[LayerRecord]) -> tuple[Optional[int], Optional[float]]:
@@ -109,7 +109,7 @@ def blora_metadata(
     lrs: Optional[Mapping[str, float]] = None,
 ) -> dict[str, str]:
     """The ``blora_*`` keys for a file holding the blocks ``roles``."""
-    from . import __version__
+    from blora_network import __version__
 
     by_role = {b.role: b.ldm for b in BLOCKS}
     meta = {

@@ -34,7 +34,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from .errors import LoraFileError
+from blora_network.errors import LoraFileError
+
 from .metadata import LayerRecord, network_dim_alpha
 
 __all__ = [
@@ -343,7 +344,7 @@ def restate_alpha(tensors: Mapping[str, torch.Tensor], alpha: torch.Tensor, *, d
 def one_alpha(state: Mapping[str, torch.Tensor], *, dtype=None) -> dict[str, torch.Tensor]:
     """A kohya state dict whose LoRA layers all store one alpha, every layer's dW unchanged.
 
-    The alpha is the one :func:`blora_network.metadata.network_dim_alpha` names (the largest
+    The alpha is the one :func:`blora_network.files.metadata.network_dim_alpha` names (the largest
     rank's largest alpha), so ``ss_network_alpha`` is every LoRA layer's alpha. Layers that
     already store it are left as they are: a file with one alpha comes back unchanged,
     tensor for tensor. LoHa/LoKr layers keep their own alpha (diffusers loads no LyCORIS

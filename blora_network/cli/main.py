@@ -26,11 +26,15 @@ from dataclasses import asdict, dataclass, is_dataclass
 from functools import partial
 from typing import Any, Callable, Iterator, Optional, Sequence
 
-from . import __version__, demo, recipe, runcheck
-from .argtypes import positive_int, roles, weight
-from .blocks import BLOCKS, ROLES, lookup_block
-from .errors import BLoraError
-from .sdxl_names import WRITE_SPELLINGS
+from blora_network import __version__
+from blora_network.errors import BLoraError
+from blora_network.sdscripts import check as runcheck
+from blora_network.sdscripts import recipe
+from blora_network.sdxl.blocks import BLOCKS, ROLES, lookup_block
+from blora_network.sdxl.names import WRITE_SPELLINGS
+from blora_network.tools import demo
+
+from .args import positive_int, roles, weight
 
 __all__ = ["main", "build_parser", "Subcommand", "SUBCOMMANDS"]
 
@@ -104,8 +108,8 @@ def _add_presets(p) -> None:
 
 
 def _run_presets(args) -> Output:
-    from .plan import presets_summary
-    from .presets import DEFAULT_PRESET
+    from blora_network.network.presets import DEFAULT_PRESET
+    from blora_network.tools.plan import presets_summary
 
     items = presets_summary()
     lines = ["Built-in presets (Linear layers trained on sd-scripts' full-size SDXL UNet):"]
@@ -128,7 +132,7 @@ def _add_plan(p) -> None:
 
 
 def _layer_kinds(layers: Sequence[str]) -> str:
-    from .sdxl_names import layer_kind_detail
+    from blora_network.sdxl.names import layer_kind_detail
 
     kinds: dict[str, int] = {}
     for name in layers:
@@ -138,7 +142,7 @@ def _layer_kinds(layers: Sequence[str]) -> str:
 
 
 def _run_plan(args) -> Output:
-    from .plan import plan
+    from blora_network.tools.plan import plan
 
     result = plan(args.preset, args.dim)
     lines = [f"preset {result.preset} ({result.source}) at rank {result.dim} on sd-scripts' full-size SDXL UNet",
@@ -166,7 +170,7 @@ def _add_inspect(p) -> None:
 
 
 def _run_inspect(args) -> Output:
-    from .inspection import inspect
+    from blora_network.tools.inspection import inspect
 
     rep = inspect(args.file, norms=not args.no_norms, progress=_progress(args))
     dtypes = ", ".join(f"{d} x{n}" if len(rep.dtypes) > 1 else d for d, n in rep.dtypes.items())
@@ -206,17 +210,17 @@ def _share(x: float) -> str:
 
 
 def _run_analyze(args) -> Output:
-    from .analyze import KIND_LABELS, KINDS, analyze
+    from blora_network.tools.analyze import KIND_LABELS, KINDS, analyze
 
     if args.plot:  # before the work: no matplotlib, or a path we may not write, is one line now
-        from .plot import check_plot_path, require_matplotlib
+        from blora_network.tools.plot import check_plot_path, require_matplotlib
 
         require_matplotlib()
         check_plot_path(args.plot, inputs=[args.file], overwrite=args.force)
     rep = analyze(args.file, progress=_progress(args))
     chart = None
     if args.plot:
-        from .plot import render
+        from blora_network.tools.plot import render
 
         chart = str(render(rep, args.plot, overwrite=args.force, inputs=[args.file]))
     te = (f"; text encoders: {sum(t.modules for t in rep.text_encoders)} layers, ||dW||_F "
@@ -280,7 +284,7 @@ def _add_split(p) -> None:
 
 
 def _run_split(args) -> Output:
-    from .transforms import split
+    from blora_network.tools.transforms import split
 
     result = split(args.file, out_dir=args.out_dir, roles=args.blocks, force=args.force, progress=_progress(args))
     lines = [_describe_written(f) for f in result.files]
@@ -298,7 +302,7 @@ def _add_combine(p) -> None:
 
 
 def _run_combine(args) -> Output:
-    from .transforms import BlockSource, combine
+    from blora_network.tools.transforms import BlockSource, combine
 
     sources = []
     for role in ROLES:
@@ -322,7 +326,7 @@ def _add_scale(p) -> None:
 
 
 def _run_scale(args) -> Output:
-    from .transforms import scale
+    from blora_network.tools.transforms import scale
 
     weights = {r: getattr(args, r) for r in ROLES if getattr(args, r) is not None}
     if not weights:
@@ -337,7 +341,7 @@ def _add_extract(p) -> None:
 
 
 def _run_extract(args) -> Output:
-    from .transforms import extract
+    from blora_network.tools.transforms import extract
 
     return _written(extract(args.file, args.blocks, args.output, force=args.force, progress=_progress(args)))
 
@@ -350,7 +354,7 @@ def _add_convert(p) -> None:
 
 
 def _run_convert(args) -> Output:
-    from .transforms import convert
+    from blora_network.tools.transforms import convert
 
     return _written(convert(args.file, args.output, to=args.to, force=args.force, progress=_progress(args)))
 

@@ -1,12 +1,12 @@
 """``check``: an sd-scripts training config or command line, read for every B-LoRA mistake before the run.
 
-The network's own validation decides what fails: :func:`blora_network.network.network_options`
+The network's own validation decides what fails: :func:`blora_network.network.kohya.network_options`
 (preset, ``--network_args`` types, dims, alphas, learning rates) and the
-:class:`~blora_network.network.BLoRANetwork` constructor on sd-scripts' full-size SDXL UNet
+:class:`~blora_network.network.kohya.BLoRANetwork` constructor on sd-scripts' full-size SDXL UNet
 built on the meta device (every preset pattern must match; LyCORIS's own checks), so what
 ``check`` rejects is what ``create_network`` would reject at step 0, without a GPU or a model
-file. The rest are sd-scripts' own startup failures (:mod:`blora_network.sdscripts`) and the
-recipe's values (:data:`blora_network.recipe.PAPER`): findings are errors (the run would stop)
+file. The rest are sd-scripts' own startup failures (:mod:`blora_network.sdscripts.args`) and the
+recipe's values (:data:`blora_network.sdscripts.recipe.PAPER`): findings are errors (the run would stop)
 or warnings (it runs, but not as B-LoRA trains best).
 """
 
@@ -17,10 +17,18 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import BLoraError
+from blora_network.errors import BLoraError
+
+from .args import (
+    TrainingArgs,
+    config_args,
+    parse_command_line,
+    read_toml,
+    split_network_arg,
+    type_problem,
+    unknown_keys,
+)
 from .recipe import PAPER
-from .sdscripts import TrainingArgs, config_args, parse_command_line, read_toml, split_network_arg, type_problem, \
-    unknown_keys
 
 __all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_command_line", "add_arguments", "run"]
 
@@ -92,7 +100,7 @@ def _check_module(values: dict, kwargs: dict[str, str], report: CheckReport) -> 
 
 
 def _check_lycoris_preset(values: dict, spec: str, report: CheckReport) -> None:
-    from .presets import builtin_names, load_preset
+    from blora_network.network.presets import builtin_names, load_preset
 
     if spec in builtin_names():
         report.add("error", "network_module", f"lycoris.kohya with preset={spec}: {spec!r} is a blora_network preset name, "
@@ -118,7 +126,7 @@ def _validated(values: dict, kwargs: dict[str, str], report: CheckReport):
     """(preset, options) as create_network makes them, or None after adding its error. When the
     preset is what fails, the rest of network_args is checked with the default preset too, so
     one run of ``check`` names every mistake."""
-    from .network import network_options
+    from blora_network.network.kohya import network_options
 
     dim, alpha = values.get("network_dim"), values.get("network_alpha", 1.0)
     dropout = values.get("network_dropout")  # sd-scripts passes it as neuron_dropout
@@ -167,8 +175,8 @@ def _build_on_sdxl(preset, options) -> None:
     """The network's constructor on sd-scripts' full-size SDXL UNet, on the meta device (no memory)."""
     import torch
 
-    from .network import BLoRANetwork
-    from .sdxl_unet import FULL, meta_unet
+    from blora_network.network.kohya import BLoRANetwork
+    from blora_network.sdxl.unet import FULL, meta_unet
 
     loggers = [logging.getLogger(name) for name in ("LyCORIS", "blora_network")]
     levels = [lg.level for lg in loggers]

@@ -2,11 +2,11 @@
 
 Each reads a LoRA file lazily (only the tensors it keeps), writes kohya-format files
 atomically (never over an input, never over an existing file without ``force``), keeps the
-source metadata and updates what changed (:func:`blora_network.metadata.tool_metadata`). They
-return typed results and never print: :mod:`blora_network.cli` does the talking.
+source metadata and updates what changed (:func:`blora_network.files.metadata.tool_metadata`). They
+return typed results and never print: :mod:`blora_network.cli.main` does the talking.
 
 Weights are exact: a weight w multiplies a block's change dW by w (one factor is scaled,
-never both; :func:`blora_network.algos.scale_tensors`), and a weight of 0 drops the block
+never both; :func:`blora_network.files.algos.scale_tensors`), and a weight of 0 drops the block
 from the output file. Any float dtype is read, fp8 included; the math runs in float32 and
 every tensor keeps the file's dtype.
 """
@@ -21,14 +21,14 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from .algos import alpha_tensor, effective_alpha, alpha_value, module_scale, one_alpha, scale_tensors
-from .blocks import ROLES, lookup_block
-from .errors import LoraFileError
-from .lorafile import LoraFile, LoraLayer, open_sdxl_lora
-from .measure import Progress, progress_bar
-from .metadata import KEY_WEIGHTS, LayerRecord, cumulative_weights, source_entry, tool_metadata
-from .safefile import SAFETENSORS, check_output_path, write_safetensors_hashed
-from .sdxl_names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
+from blora_network.errors import LoraFileError
+from blora_network.files.algos import alpha_tensor, alpha_value, effective_alpha, module_scale, one_alpha, scale_tensors
+from blora_network.files.lorafile import LoraFile, LoraLayer, open_sdxl_lora
+from blora_network.files.measure import Progress, progress_bar
+from blora_network.files.metadata import KEY_WEIGHTS, LayerRecord, cumulative_weights, source_entry, tool_metadata
+from blora_network.files.safefile import SAFETENSORS, check_output_path, write_safetensors_hashed
+from blora_network.sdxl.blocks import ROLES, lookup_block
+from blora_network.sdxl.names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
 __all__ = ["WrittenFile", "SplitResult", "BlockSource", "split", "split_paths", "combine", "scale", "extract",
            "convert"]
@@ -55,7 +55,7 @@ class WrittenFile:
 class _Output:
     """The tensors and layer records of one file being assembled.
 
-    :meth:`metadata` gives the file one alpha first (:func:`blora_network.algos.one_alpha`)
+    :meth:`metadata` gives the file one alpha first (:func:`blora_network.files.algos.one_alpha`)
     so the records, and so ``ss_network_alpha`` and ``blora_block_alphas``, say what is stored.
     """
 

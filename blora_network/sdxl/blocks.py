@@ -6,7 +6,7 @@ B-LoRA (Frenkel et al., ECCV 2024) trains LoRA on two SDXL attention blocks only
 trained (``attn1``/``attn2`` ``to_q``, ``to_k``, ``to_v``, ``to_out.0``): 80 Linear layers
 per full-size block; the feed-forward (``ff.net``) and ``proj_in``/``proj_out`` are left out.
 
-Names in general (spellings, kinds, block maps) live in :mod:`blora_network.sdxl_names`; this
+Names in general (spellings, kinds, block maps) live in :mod:`blora_network.sdxl.names`; this
 module says only what is special about these three blocks, including the one regex the
 built-in presets are written from (:func:`block_pattern`).
 """
@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from .sdxl_names import ATTENTION_PROJECTIONS, kohya_prefix
+from .names import ATTENTION_PROJECTIONS, kohya_prefix
 
 __all__ = [
     "Block",

@@ -6,7 +6,7 @@ applies ``alpha / dim`` twice (``get_weight`` already holds it) and leaves out a
 That hits sd-scripts' ``--base_weights`` and the image scripts' ``--network_merge``.
 
 Here the change comes from the module's file-style tensors (``state_dict()``: the factors with
-the scalar folded in, and ``alpha``) through :func:`blora_network.algos.delta_weight`, the one
+the scalar folded in, and ``alpha``) through :func:`blora_network.files.algos.delta_weight`, the one
 dW rule the file tools use too. DoRA is not linear in dW: the merged weight is LyCORIS's own
 DoRA epilogue (``apply_weight_decompose``, the one its forward pass calls) of ``W + dW``, at
 the module's multiplier, so it equals that forward pass exactly, for LoRA, LoHa and LoKr alike.
@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from .algos import algo_of_tensors, delta_weight
+from blora_network.files.algos import algo_of_tensors, delta_weight
 
 __all__ = ["module_algo", "merged_weight", "merge_module", "WeightBackup"]
 

@@ -28,8 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
+from blora_network.errors import LoraFileError
+
 from .algos import all_finite
-from .errors import LoraFileError
 from .metadata import HASH_KEYS
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 The built-ins are the TOML files in ``blora_network/builtin_presets/``, beside this loader and
 shipped inside the wheel; they are written from :func:`builtin_preset_text` (one regex per
-block, :func:`blora_network.blocks.block_pattern`), and a test holds the files to it. A user's
+block, :func:`blora_network.sdxl.blocks.block_pattern`), and a test holds the files to it. A user's
 own file uses the same format (LyCORIS's preset keys), plus an optional ``[blora]`` table for
 per-block settings (``content_dim``, ``style_lr``, ...) that is stripped before LyCORIS sees it.
 Every problem is a :class:`PresetError` that names the file, the key or pattern, and the fix.
@@ -21,9 +21,9 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 import toml
 
-from .blocks import BLOCKS, ROLES, attention_layer_names, block_pattern, lookup_block
-from .errors import PresetError
-from .tomlfile import read_toml
+from blora_network.errors import PresetError
+from blora_network.sdxl.blocks import BLOCKS, ROLES, attention_layer_names, block_pattern, lookup_block
+from blora_network.tomlfile import read_toml
 
 __all__ = ["Preset", "DEFAULT_PRESET", "BUILTIN_ROLES", "BLOCK_SETTING_KEYS", "builtin_names", "builtin_preset_text",
            "load_preset", "preset_from_dict"]
@@ -98,7 +98,7 @@ class Preset:
         """The module paths LyCORIS would wrap, from ``named_modules()`` paths.
 
         Items are paths (taken as Linear layers) or ``(path, class_name)`` pairs, e.g. from
-        :func:`blora_network.sdxl_unet.module_names`. Class targets (``unet_target_module``) wrap
+        :func:`blora_network.sdxl.unet.module_names`. Class targets (``unet_target_module``) wrap
         every Linear (and, with ``enable_conv``, Conv) below a module of that class.
         """
         items = [(m, "Linear") if isinstance(m, str) else (m[0], m[1]) for m in modules]

@@ -1,6 +1,6 @@
 """Before training: what a preset selects on sd-scripts' full-size SDXL UNet, and what it costs.
 
-The one place that joins presets to the stand-in UNet (:mod:`blora_network.sdxl_unet`, built on
+The one place that joins presets to the stand-in UNet (:mod:`blora_network.sdxl.unet`, built on
 the meta device: names and shapes, no memory): ``presets`` lists the built-ins with their layer
 counts, ``plan`` is a dry run of one preset at a rank (layers per block, parameters, file size,
 optimizer memory). A preset that would train nothing is refused with the same message the
@@ -14,11 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .blocks import block_at
-from .errors import NetworkArgsError
-from .modelcheck import check_preset_matches
-from .presets import Preset, builtin_names, load_preset
-from .sdxl_names import block_order, is_attention_layer, kohya_module_name, transformer_block_of
+from blora_network.errors import NetworkArgsError
+from blora_network.network.modelcheck import check_preset_matches
+from blora_network.network.presets import Preset, builtin_names, load_preset
+from blora_network.sdxl.blocks import block_at
+from blora_network.sdxl.names import block_order, is_attention_layer, kohya_module_name, transformer_block_of
 
 __all__ = ["PresetSummary", "PlanBlock", "Plan", "presets_summary", "plan", "file_bytes"]
 
@@ -64,14 +64,14 @@ _DTYPE_SIZES = {"fp16": (2, "F16"), "bf16": (2, "BF16"), "fp32": (4, "F32")}
 
 
 def _full_unet():
-    from .sdxl_unet import FULL, meta_unet
+    from blora_network.sdxl.unet import FULL, meta_unet
 
     return meta_unet(FULL)
 
 
 def _selected_layers(preset: Preset) -> list:
     """The Linear layers of full-size SDXL the preset selects (class targets included), in model order."""
-    from .sdxl_unet import FULL, linear_layers, module_names
+    from blora_network.sdxl.unet import FULL, linear_layers, module_names
 
     chosen = set(preset.select(module_names(FULL)))
     return [layer for layer in linear_layers(FULL) if layer.name in chosen]

@@ -35,7 +35,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .sdxl_names import kohya_module_name
+from blora_network.sdxl.names import kohya_module_name
 
 __all__ = ["RegionState", "InferenceHooks", "mask_sizes"]
 

@@ -28,7 +28,7 @@ The suggestion (:data:`DOMINANT_SHARE`, :data:`PART_SHARE`, :data:`ALMOST_NONE`,
        nothing worth extracting and no command is given; under 20%, the command comes with a
        note that the extracted file keeps only part of the LoRA's effect.
 
-Nothing here prints; :mod:`blora_network.cli` does the talking, :mod:`blora_network.plot` draws.
+Nothing here prints; :mod:`blora_network.cli.main` does the talking, :mod:`blora_network.tools.plot` draws.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from typing import Optional
 
 import torch
 
-from .blocks import BLOCKS, block_at
-from .errors import LoraFileError
-from .lorafile import LoraFile, guess_model, open_sdxl_lora
-from .measure import layer_norm_sq
-from .sdxl_names import ATTENTION_KINDS, LAYER_KINDS, SDXL_TRANSFORMER_BLOCKS, block_order, layer_kind
+from blora_network.errors import LoraFileError
+from blora_network.files.lorafile import LoraFile, guess_model, open_sdxl_lora
+from blora_network.files.measure import layer_norm_sq
+from blora_network.sdxl.blocks import BLOCKS, block_at
+from blora_network.sdxl.names import ATTENTION_KINDS, LAYER_KINDS, SDXL_TRANSFORMER_BLOCKS, block_order, layer_kind
 
 __all__ = [
     "KINDS",

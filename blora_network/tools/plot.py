@@ -11,11 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from blora_network.errors import BLoraError, LoraFileError
+from blora_network.files.safefile import atomic_target, check_output_path
+from blora_network.sdxl.blocks import block_at
+from blora_network.sdxl.names import SDXL_TRANSFORMER_BLOCKS, block_order
+
 from .analyze import KIND_LABELS, KINDS, AnalyzeReport
-from .blocks import block_at
-from .errors import BLoraError, LoraFileError
-from .safefile import atomic_target, check_output_path
-from .sdxl_names import SDXL_TRANSFORMER_BLOCKS, block_order
 
 __all__ = ["MatplotlibMissing", "INSTALL_HINT", "FORMATS", "FIGSIZE", "require_matplotlib", "check_plot_path",
            "build_figure", "render"]

@@ -55,7 +55,7 @@ def teacher_target(unet: torch.nn.Module, preset: str, batch: tuple, *, seed: in
     """
     import torch
 
-    from .presets import load_preset
+    from blora_network.network.presets import load_preset
 
     teacher = copy.deepcopy(unet)
     selected = set(load_preset(preset).select((n, type(m).__name__) for n, m in teacher.named_modules() if n))
@@ -78,7 +78,7 @@ def resolve_device(name: str) -> "torch.device":
     """
     import torch
 
-    from .errors import DeviceError
+    from blora_network.errors import DeviceError
 
     there = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -144,8 +144,8 @@ def train(
     """
     import torch
 
-    from .measure import torch_threads
-    from .safefile import SAFETENSORS, check_output_path
+    from blora_network.files.measure import torch_threads
+    from blora_network.files.safefile import SAFETENSORS, check_output_path
 
     started = time.perf_counter()
     dev = resolve_device(device)
@@ -164,8 +164,8 @@ def train(
 def _train(preset, dim, steps, lr, dev, seed, network_args, progress, output) -> DemoResult:
     import torch
 
-    from . import create_network
-    from .sdxl_unet import TINY, build_unet, random_inputs
+    from blora_network import create_network
+    from blora_network.sdxl.unet import TINY, build_unet, random_inputs
 
     torch.manual_seed(seed)
     unet = build_unet(TINY, seed=seed).to(dev)
@@ -216,8 +216,8 @@ def _train(preset, dim, steps, lr, dev, seed, network_args, progress, output) ->
 
 def _metadata(dim: int, steps: int, args: dict, output: str) -> dict[str, str]:
     """What sd-scripts would hand ``save_weights``, for a model that is not SDXL and says so."""
-    from .lorafile import DEMO_TEXT
-    from .metadata import KEY_DEMO
+    from blora_network.files.lorafile import DEMO_TEXT
+    from blora_network.files.metadata import KEY_DEMO
 
     return {
         "ss_network_module": "blora_network",
@@ -242,7 +242,7 @@ EXAMPLE = "  blora-network demo --steps 30 -o demo.safetensors"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``demo`` subcommand's options."""
-    from .argtypes import positive_int
+    from blora_network.cli.args import positive_int
 
     p.add_argument("--preset", default="content_style", help="built-in preset name or TOML path (default: content_style)")
     p.add_argument("--dim", type=positive_int, default=8, help="LoRA rank (default: 8)")
@@ -259,7 +259,7 @@ def run(args: argparse.Namespace):
     """``blora-network demo``: train, save, and report ``(result, lines)``."""
     import logging
 
-    from . import network  # noqa: F401  imports LyCORIS, whose import sets its logger to INFO
+    from blora_network.network import kohya  # noqa: F401  imports LyCORIS, whose import sets its logger to INFO
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # the summary below says what it would log
     result = train(preset=args.preset, dim=args.dim, steps=args.steps, lr=args.lr, device=args.device,

@@ -12,7 +12,8 @@ from typing import Iterable
 
 import torch
 
-from .errors import ModelMismatchError, PresetError
+from blora_network.errors import ModelMismatchError, PresetError
+
 from .presets import Preset
 
 __all__ = ["unwrap_unet", "describe_unet", "check_preset_matches"]

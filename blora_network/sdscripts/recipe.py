@@ -2,7 +2,7 @@
 
 Writes ``NAME.toml`` (for ``--config_file``: every value of the B-LoRA recipe) and
 ``NAME_dataset.toml`` (for ``--dataset_config``: the image folder with its captions), after
-checking the folder the way sd-scripts will read it (:mod:`blora_network.images`). Resolution
+checking the folder the way sd-scripts will read it (:mod:`blora_network.sdscripts.images`). Resolution
 and batch size go in the training config, not the dataset config, so that a command-line
 ``--resolution`` or ``--train_batch_size`` still overrides them (sd-scripts takes a dataset
 config's value over the command line's).
@@ -19,9 +19,10 @@ from typing import Any, Optional
 
 import toml
 
-from .errors import BLoraError
+from blora_network.errors import BLoraError
+
+from .args import IMAGE_EXTENSIONS, SDXL_SCRIPT
 from .images import SDXL_PIXELS, ImageScan, scan_images
-from .sdscripts import IMAGE_EXTENSIONS, SDXL_SCRIPT
 
 __all__ = ["Recipe", "PAPER", "LowVramOption", "LOWVRAM", "LOWVRAM_LEFT_OUT", "RecipeResult", "write_recipe",
            "training_config", "dataset_config", "add_arguments", "run"]
@@ -104,7 +105,7 @@ def _name_from(folder: Path) -> str:
 
 def _preset_arg(preset: str) -> str:
     """A built-in name as it is; a preset file as an absolute path (sd-scripts runs from its own folder)."""
-    from .presets import builtin_names
+    from blora_network.network.presets import builtin_names
 
     if preset in builtin_names():
         return preset
@@ -215,7 +216,7 @@ def _toml_text(tables: dict[str, Any], header: str, comments: dict[str, str]) ->
 
 
 def _write_text(path: Path, text: str) -> None:
-    from .safefile import atomic_target
+    from blora_network.files.safefile import atomic_target
 
     with atomic_target(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
@@ -263,7 +264,7 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
                  token: str = PAPER.token, steps: int = PAPER.steps, rank: int = PAPER.dim, lowvram: bool = False,
                  caption_extension: Optional[str] = None, force: bool = False) -> RecipeResult:
     """Check ``images``, then write the training and dataset configs; nothing is written on a problem."""
-    from .plan import plan
+    from blora_network.tools.plan import plan
 
     if not token.strip():
         raise BLoraError("--token is empty: give the trigger token, e.g. --token \"A [v]\"")

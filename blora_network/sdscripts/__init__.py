@@ -1,0 +1,7 @@
+"""The run around the network: what sd-scripts reads, written (``recipe``) and checked (``check``).
+
+- ``args.py`` (no torch): sd-scripts' training options, how it reads a config file and a command line.
+- ``images.py``: an image folder as sd-scripts' DreamBooth reader sees it.
+- ``recipe.py``: a folder of images -> the paper's sd-scripts run, as two config files and one command.
+- ``check.py``: a training config or command line, read for every B-LoRA mistake before the run.
+"""
