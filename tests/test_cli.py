@@ -360,10 +360,10 @@ def test_a_closed_pipe_is_a_quiet_exit():
 
 
 def test_norm_columns_have_the_same_decimals_in_every_row(capsys, tmp_path):
-    from blora_network.cli.main import _norm
+    from blora_network.cli.files import format_norm
 
-    assert [_norm(x) for x in (0.05, 1.2345678, 12.5, 1234.5)] == ["0.0500", "1.2346", "12.5000", "1234.5000"]
-    assert _norm(0.0) == "0.0000" and _norm(2e-5) == "2.000e-05" and _norm(3e6) == "3.000e+06"
+    assert [format_norm(x) for x in (0.05, 1.2345678, 12.5, 1234.5)] == ["0.0500", "1.2346", "12.5000", "1234.5000"]
+    assert format_norm(0.0) == "0.0000" and format_norm(2e-5) == "2.000e-05" and format_norm(3e6) == "3.000e+06"
     small = write_kohya(tmp_path / "s.safetensors", full_attention_layers(["content"])[:2], 2, alpha=0.002)
     code, out, _ = run(capsys, "inspect", str(small))
     cell = next(line for line in out.splitlines() if line.strip().startswith("content")).split()[-1]

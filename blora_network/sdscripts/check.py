@@ -30,7 +30,7 @@ from .args import (
 )
 from .recipe import PAPER
 
-__all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_command_line", "add_arguments", "run"]
+__all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_command_line"]
 
 MODULE = "blora_network"
 LR_FACTOR = 2.0
@@ -310,26 +310,3 @@ def check_config(path) -> CheckReport:
 
 def check_command_line(argv) -> CheckReport:
     return check_run(parse_command_line(argv))
-
-
-# -- the subcommand ---------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    p.add_argument("words", nargs="*", metavar="CONFIG.toml | -- ARGS",
-                   help="an sd-scripts training config (--config_file), or after -- the sd-scripts command line "
-                        "(accelerate launch sdxl_train_network.py ... or just its options)")
-
-
-def run(args) -> tuple[CheckReport, list[str]]:
-    words = [w for w in args.words if w != "--"]
-    if not words:
-        raise BLoraError("nothing to check: give CONFIG.toml, or -- followed by the sd-scripts command line")
-    if len(words) == 1 and not words[0].startswith("-"):
-        report = check_config(words[0])
-    else:
-        report = check_command_line(words)
-    lines = [f"{f.severity}: {f.key}: {f.message}" for f in report.findings]
-    verdict = ("would fail: fix the errors above before training" if report.errors else
-               "ok to train" + (" (see the warnings)" if report.warnings else ": every value follows the B-LoRA recipe"))
-    lines.append(f"{report.source}: {report.errors} error(s), {report.warnings} warning(s); {verdict}")
-    return report, lines

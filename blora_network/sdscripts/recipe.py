@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +25,7 @@ from .args import IMAGE_EXTENSIONS, SDXL_SCRIPT
 from .images import SDXL_PIXELS, ImageScan, scan_images
 
 __all__ = ["Recipe", "PAPER", "LowVramOption", "LOWVRAM", "LOWVRAM_LEFT_OUT", "RecipeResult", "write_recipe",
-           "training_config", "dataset_config", "add_arguments", "run"]
+           "training_config", "dataset_config"]
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,9 @@ class RecipeResult:
     rank: int
     steps: int
     num_repeats: int
-    lowvram: list[dict]
+    lowvram: list[LowVramOption]
     lowvram_left_out: dict[str, str]
-    scan: dict
+    scan: ImageScan
     notes: list[str] = field(default_factory=list)
 
 
@@ -292,8 +292,8 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
     return RecipeResult(
         training_config=str(train_path), dataset_config=str(data_path), command=command, name=name,
         preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats,
-        lowvram=[asdict(o) for o in LOWVRAM] if lowvram else [],
-        lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=asdict(scan), notes=_notes(scan, model),
+        lowvram=list(LOWVRAM) if lowvram else [],
+        lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=scan, notes=_notes(scan, model),
     )
 
 
@@ -307,58 +307,3 @@ def _left_out(resolved, rank: int) -> dict[str, str]:
 def _quote(path: Path) -> str:
     text = str(path)
     return f'"{text}"' if re.search(r"[^A-Za-z0-9_./:\\-]", text) else text
-
-
-# -- the subcommand ---------------------------------------------------------------------------
-
-def add_arguments(p) -> None:
-    p.add_argument("images", metavar="IMAGES", help="folder of training images (one is enough for B-LoRA), with "
-                                                    "optional caption files NAME.txt")
-    p.add_argument("--model", required=True, metavar="SDXL.safetensors", help="the SDXL base checkpoint to train on")
-    p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR",
-                   help="folder for NAME.toml and NAME_dataset.toml (created if missing); the LoRA is saved there too")
-    p.add_argument("--name", help="name of the run and of the files (default: the image folder's name)")
-    p.add_argument("--preset", default="content_style", help="built-in preset or a preset TOML (default content_style)")
-    p.add_argument("--token", default=PAPER.token, help=f"trigger token, the caption of an image without a caption "
-                                                         f"file (default {PAPER.token!r}, the paper's)")
-    p.add_argument("--steps", type=int, default=PAPER.steps, help=f"training steps (default {PAPER.steps})")
-    p.add_argument("--rank", type=int, default=PAPER.dim, help=f"LoRA rank; alpha = rank (default {PAPER.dim})")
-    p.add_argument("--caption-extension", metavar="EXT", help="caption file extension (default: .txt, or .caption "
-                                                              "if the folder uses it)")
-    p.add_argument("--lowvram", action="store_true", help="add sd-scripts' memory savers for a 12 GB card")
-    p.add_argument("--force", action="store_true", help="replace existing config files")
-
-
-def _scan_lines(result: RecipeResult) -> list[str]:
-    scan = result.scan
-    images = [i for i in scan["images"] if i["problem"] is None]
-    captions = sum(1 for i in images if i["caption_file"])
-    sizes = sorted({f"{i['width']}x{i['height']}" for i in images})
-    shown = ", ".join(sizes[:6]) + (f" and {len(sizes) - 6} more sizes" if len(sizes) > 6 else "")
-    lines = [f"{scan['folder']}: {len(images)} image(s) ({shown}), {captions} with a caption file "
-             f"({scan['caption_extension']}), trigger token {scan['token']!r}"]
-    for i in images:
-        token = "with" if i["has_token"] else "WITHOUT"
-        cap = (f"caption {i['caption']!r} ({token} the token)" if i["caption_file"] else
-               f"no caption file (caption {scan['token']!r} from class_tokens)")
-        lines.append(f"  {Path(i['file']).name}: {i['width']}x{i['height']}, {cap}")
-    return lines
-
-
-def run(args) -> tuple[RecipeResult, list[str]]:
-    if args.steps < 1 or args.rank < 1:
-        raise BLoraError(f"--steps and --rank must be at least 1 (got --steps {args.steps}, --rank {args.rank})")
-    result = write_recipe(args.images, model=args.model, out_dir=args.out_dir, name=args.name, preset=args.preset,
-                          token=args.token, steps=args.steps, rank=args.rank, lowvram=args.lowvram,
-                          caption_extension=args.caption_extension, force=args.force)
-    lines = _scan_lines(result) + [f"note: {n}" for n in result.notes]
-    lines.append(f"wrote {result.training_config} (training config: preset {result.preset}, rank {result.rank}, alpha "
-                 f"{result.rank}, AdamW lr {PAPER.learning_rate:g} constant, {result.steps} steps, batch 1, 1024 px, bf16)")
-    lines.append(f"wrote {result.dataset_config} (dataset config: {result.num_repeats} repeats per image, so one epoch "
-                 "covers the run)")
-    for o in result.lowvram:
-        lines.append(f"--lowvram: {o['key']} = {str(o['value']).lower()}: {o['why']} (sd-scripts {o['source']})")
-    lines += [f"--lowvram leaves out {k}: {why}" for k, why in result.lowvram_left_out.items()]
-    lines += ["run it from your sd-scripts folder:", f"  {result.command}",
-              "options given after it override the file, e.g. --max_train_steps 1500 --learning_rate 4e-5"]
-    return result, lines

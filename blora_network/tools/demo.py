@@ -7,7 +7,6 @@ and what it writes before spending GPU hours. :func:`train` is also what the tes
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING, Optional
 if TYPE_CHECKING:  # the CLI builds its parser from this module: no torch import for --help
     import torch
 
-__all__ = ["DemoResult", "teacher_target", "train", "add_arguments", "run", "HELP", "DESCRIPTION", "EXAMPLE"]
+__all__ = ["DemoResult", "teacher_target", "train"]
 
 
 @dataclass
@@ -230,54 +229,3 @@ def _metadata(dim: int, steps: int, args: dict, output: str) -> dict[str, str]:
         "modelspec.architecture": "blora-demo-tiny-unet/lora",
         KEY_DEMO: DEMO_TEXT,
     }
-
-
-HELP = "train a content_style B-LoRA for a few steps on a tiny built-in SDXL-shaped UNet"
-DESCRIPTION = (
-    "Train a B-LoRA end to end with the calls sd-scripts makes, on a small UNet with sd-scripts' "
-    "SDXL module names and synthetic data (no download), then save it and report what was trained."
-)
-EXAMPLE = "  blora-network demo --steps 30 -o demo.safetensors"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``demo`` subcommand's options."""
-    from blora_network.cli.args import positive_int
-
-    p.add_argument("--preset", default="content_style", help="built-in preset name or TOML path (default: content_style)")
-    p.add_argument("--dim", type=positive_int, default=8, help="LoRA rank (default: 8)")
-    p.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch CPU threads (default: 1, the fastest for this tiny model, on a busy machine too)")
-    p.add_argument("-o", "--output", default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
-    p.add_argument("--force", action="store_true", help="replace the output file if it exists")
-
-
-def run(args: argparse.Namespace):
-    """``blora-network demo``: train, save, and report ``(result, lines)``."""
-    import logging
-
-    from blora_network.network import kohya  # noqa: F401  imports LyCORIS, whose import sets its logger to INFO
-
-    logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # the summary below says what it would log
-    result = train(preset=args.preset, dim=args.dim, steps=args.steps, lr=args.lr, device=args.device,
-                   output=args.output, force=args.force, threads=args.threads, progress=not args.json)
-    where = result.device + (f", {result.threads} torch thread{'s' if result.threads != 1 else ''}"
-                             f"{' (the fastest for this tiny model; --threads N to change)' if args.threads is None else ''}"
-                             if result.threads else "")
-    lines = [f"blora-network demo: preset {result.preset}, rank {result.dim}, {result.steps} AdamW steps on {where}; "
-             f"torch {result.torch}"]
-    for role, s in result.blocks.items():
-        lines.append(f"  {role:<8} {s['modules']:>4} modules  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
-    lines.append(f"  trainable parameters: {result.trainable_parameters:,}")
-    lines.append(f"  loss: {result.loss_before:.6f} -> {result.loss_after:.6f} "
-                 f"({(1 - result.loss_after / result.loss_before) * 100:.1f}% lower)")
-    if result.file:
-        lines.append(f"  wrote {result.file} ({result.file_bytes:,} bytes, bf16, kohya LoRA format) for the demo's tiny "
-                     "UNet, not for SDXL: try the tools on it (blora-network inspect/split/combine)")
-    lines.append(f"  took {result.seconds:.1f} s")
-    if result.note:
-        lines.append(f"note: {result.note}")
-    return result, lines
