@@ -31,14 +31,15 @@ except ImportError:  # pragma: no cover - depends on the installed LyCORIS
 
 from blora_network.errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
 from blora_network.files.algos import (
-    algo_of_tensors,
+    LayerRecord,
     effective_alpha,
     kohya_layers,
+    layer_record,
+    network_dim_alpha,
     one_alpha,
-    rank_and_alpha,
     restate_alpha,
 )
-from blora_network.files.metadata import LayerRecord, network_dim_alpha, training_metadata
+from blora_network.files.metadata import training_metadata
 from blora_network.files.safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
 from blora_network.sdxl.blocks import LABELS, label_of_kohya_name
 from blora_network.sdxl.names import kohya_module_name, text_encoder_index
@@ -122,14 +123,13 @@ def _role_of_lora(lora_name: str) -> str:
 
 
 def _record(lora, tensors=None) -> LayerRecord:
-    """A LyCORIS module as the metadata sees it: its role, rank and effective alpha (one host read).
+    """A LyCORIS module as the metadata sees it (:func:`~blora_network.files.algos.layer_record`).
 
-    ``tensors``: the module's tensors as they are saved, when not its own state.
+    ``tensors``: the module's tensors as they are saved, when not its own state (one host read).
     """
     tensors = lora.state_dict() if tensors is None else tensors
-    algo = algo_of_tensors(lora.lora_name, tensors)
-    rank, alpha = rank_and_alpha(algo, tensors) if algo != "other" else (getattr(lora, "lora_dim", None), None)
-    return LayerRecord(role=_role_of_lora(lora.lora_name), rank=rank, alpha=alpha)
+    return layer_record(lora.lora_name, _role_of_lora(lora.lora_name), tensors,
+                        rank_if_unknown=getattr(lora, "lora_dim", None))
 
 
 def _caller_understands_descriptions() -> bool:
