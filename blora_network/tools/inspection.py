@@ -19,7 +19,7 @@ from blora_network.files.algos import all_finite, alpha_value, effective_alpha
 from blora_network.files.lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
 from blora_network.files.measure import Progress, layer_norm_sq
 from blora_network.files.metadata import KEY_PRESET, KEY_WEIGHTS
-from blora_network.sdxl.blocks import BLOCKS, ROLES
+from blora_network.sdxl.blocks import BLOCKS, ROLES, sdxl_block_of
 
 from .blockweights import BlockWeights, block_weight_vectors
 
@@ -44,6 +44,9 @@ class BlockReport:
     """Frobenius norm of the block's whole change (all its layers' dW together); None for DoRA/unknown."""
     blocks: dict[str, int] = field(default_factory=dict)
     """For ``other``: the UNet blocks / text encoders it covers and their module counts."""
+    block_names: dict[str, str] = field(default_factory=dict)
+    """For ``other``: the LoRA Block Weight name of each of ``blocks`` (``input_blocks.4.1`` -> ``IN04``;
+    text encoders -> ``BASE``); the time and label embeddings and ``out`` have none."""
 
 
 @dataclass
@@ -179,7 +182,12 @@ def _block_report(lora: LoraFile, group: str, layers: list[LoraLayer], tally: _T
         alphas=sorted(tally.alphas),
         norm=math.sqrt(tally.norm_sq) if tally.norm_sq is not None and norms else None,
         blocks=lora.other_blocks() if group == "other" else {},
+        block_names=_lbw_names(lora.other_blocks()) if group == "other" else {},
     )
+
+
+def _lbw_names(blocks) -> dict[str, str]:
+    return {b: s.name for b in blocks if (s := sdxl_block_of(b)) is not None}
 
 
 def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, set], nonfinite: list[str],
@@ -206,7 +214,8 @@ def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, s
         )
     other = blocks.get("other")
     if other is not None:
-        shown = ", ".join(f"{b} ({n})" for b, n in list(other.blocks.items())[:6])
+        shown = ", ".join(f"{b}{' ' + other.block_names[b] if b in other.block_names else ''} ({n})"
+                          for b, n in list(other.blocks.items())[:6])
         more = f" and {len(other.blocks) - 6} more" if len(other.blocks) > 6 else ""
         out.append(
             f"{other.modules} modules lie outside the B-LoRA blocks: {shown}{more}; "
