@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from blora_network.errors import BLoraError
-from blora_network.sdxl.blocks import BLOCKS, ROLES, SDXL_BLOCKS
+from blora_network.sdxl.blocks import BLOCKS, LAYER_CHOICES, ROLES, SDXL_BLOCKS, lookup_sdxl_block
 from blora_network.sdxl.names import WRITE_SPELLINGS
 
 from .args import Once, add_output_args, block_file, block_names, block_weight, positive_int, weight
@@ -25,14 +25,10 @@ _LAYERS_HELP = ("which layers of each block: attention (attn1/attn2 to_q, to_k, 
 
 
 def _add_layers(p, default: str) -> None:
-    from blora_network.tools.transforms import LAYER_CHOICES
-
     p.add_argument("--layers", choices=LAYER_CHOICES, default=default, help=f"{_LAYERS_HELP}; default {default}")
 
 
 def _no_dups(pairs, option: str) -> None:
-    from blora_network.sdxl.blocks import lookup_sdxl_block
-
     seen: dict[str, str] = {}
     for name, _ in pairs:
         block = lookup_sdxl_block(name).name
@@ -206,8 +202,6 @@ def _run_combine(args) -> Output:
         sources.append(BlockSource(role, path, 1.0 if w is None else w))
     _no_dups(args.block, "combine --block")
     _no_dups(args.weight, "combine --weight")
-    from blora_network.sdxl.blocks import lookup_sdxl_block
-
     weights = {lookup_sdxl_block(n).name: w for n, w in args.weight}
     named = {lookup_sdxl_block(n).name for n, _ in args.block}
     stray = [n for n in weights if n not in named]

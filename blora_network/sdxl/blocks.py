@@ -24,6 +24,7 @@ __all__ = [
     "SdxlBlock",
     "SDXL_BLOCKS",
     "ATTENTION_BLOCKS",
+    "LAYER_CHOICES",
     "LABELS",
     "lookup_sdxl_block",
     "parse_sdxl_blocks",
@@ -106,6 +107,9 @@ def _sdxl_blocks() -> tuple[SdxlBlock, ...]:
 
 SDXL_BLOCKS: tuple[SdxlBlock, ...] = _sdxl_blocks()
 """Every SDXL block in model order: BASE, IN00-IN08, M00, OUT00-OUT08 (LoRA Block Weight's 20-value order)."""
+LAYER_CHOICES = ("attention", "transformer", "all")
+"""Which layers of a named block a tool takes: its attention projections (the B-LoRA rule), its whole
+transformer (attention, ff, proj_in/proj_out), or every layer LoRA Block Weight counts in it (resnets too)."""
 ATTENTION_BLOCKS: tuple[SdxlBlock, ...] = tuple(b for b in SDXL_BLOCKS if b.attention)
 """The eleven blocks that hold a transformer: what ``blocks=`` can train and what ``--layers attention`` keeps."""
 

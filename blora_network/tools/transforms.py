@@ -37,17 +37,13 @@ from blora_network.files.measure import Progress, progress_bar
 from blora_network.files.metadata import KEY_WEIGHTS, cumulative_weights, source_entry, tool_metadata
 from blora_network.files.safefile import SAFETENSORS, check_output_path, write_safetensors_hashed
 from blora_network.files.metadata import label_order
-from blora_network.sdxl.blocks import LABELS, ROLES, SdxlBlock, lookup_block, lookup_sdxl_block
+from blora_network.sdxl.blocks import LABELS, LAYER_CHOICES, ROLES, SdxlBlock, lookup_sdxl_block
 
 from .blockweights import inspire_layer_weights, lbw_layer_weights
 from blora_network.sdxl.names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
 __all__ = ["WrittenFile", "SplitResult", "BlockSource", "split", "split_paths", "combine", "scale", "extract",
            "convert", "LAYER_CHOICES"]
-
-LAYER_CHOICES = ("attention", "transformer", "all")
-"""Which layers of a named block a tool takes: its attention projections (the B-LoRA rule), its whole
-transformer (attention, ff, proj_in/proj_out), or every layer LoRA Block Weight counts in it (resnets too)."""
 
 
 @dataclass(frozen=True)
