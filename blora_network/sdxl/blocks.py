@@ -1,4 +1,10 @@
-"""B-LoRA's three blocks: which SDXL UNet block plays which role, and which of its layers are trained.
+"""SDXL's blocks by the names users know, and B-LoRA's three: which block plays which role, which layers are trained.
+
+:data:`SDXL_BLOCKS` is the one table of blocks: each SDXL UNet block in LoRA Block Weight's notation
+(``IN00``-``IN08``, ``M00``, ``OUT00``-``OUT08``, ``BASE`` for the text encoders) with its LDM and
+diffusers names, its transformer (attention) block if it has one, and its B-LoRA role if any.
+Every place that names a block asks it (:func:`lookup_sdxl_block`, with a "did you mean"); a block
+label (its role, else its LBW name) is how options, metadata and reports key a block.
 
 B-LoRA (Frenkel et al., ECCV 2024) trains LoRA on two SDXL attention blocks only:
 ``output_blocks.0.1`` learns content, ``output_blocks.1.1`` learns style, and optionally
@@ -6,9 +12,9 @@ B-LoRA (Frenkel et al., ECCV 2024) trains LoRA on two SDXL attention blocks only
 trained (``attn1``/``attn2`` ``to_q``, ``to_k``, ``to_v``, ``to_out.0``): 80 Linear layers
 per full-size block; the feed-forward (``ff.net``) and ``proj_in``/``proj_out`` are left out.
 
-Names in general (spellings, kinds, block maps) live in :mod:`blora_network.sdxl.names`; this
-module says only what is special about these three blocks, including the one regex the
-built-in presets are written from (:func:`block_pattern`).
+Names in general (spellings, kinds, layer maps) live in :mod:`blora_network.sdxl.names`; this
+module says what the blocks are, including the one regex the built-in presets and ``blocks=``
+are written from (:func:`block_pattern_of`).
 """
 
 from __future__ import annotations
