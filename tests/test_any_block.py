@@ -164,3 +164,26 @@ def test_plan_and_presets_take_blocks_too():
         load_preset("blocks=IN01")
     options = parse_network_args(8, None, {"blocks": "style,OUT02", "OUT02_dim": "4"})
     assert options.blocks == ("style", "OUT02") and options.block_dims == {"OUT02": 4}
+
+
+def test_the_tools_read_the_trained_blocks_back(unet, tmp_path, capsys):
+    from blora_network.cli.main import main as cli_main
+    from blora_network.tools.inspection import inspect
+    from blora_network.tools.transforms import split
+
+    network = blora_network.create_network(1.0, 4, 1, None, None, unet, blocks="OUT03,M00,style")
+    network.apply_to(None, unet, False, True)
+    with torch.no_grad():
+        for m in network.unet_loras:
+            m.lora_up.weight.normal_(std=0.1)
+    path = tmp_path / "three.safetensors"
+    network.save_weights(str(path), None, {})
+    rep = inspect(path, norms=False)
+    assert list(rep.blocks) == ["style", "M00", "OUT03"]  # no "other": every layer is in a block it was trained on
+    assert (rep.blocks["OUT03"].ldm, rep.blocks["OUT03"].lbw, rep.blocks["OUT03"].modules) == ("output_blocks.3.1", "OUT03", 16)
+    assert not any("outside the B-LoRA blocks" in w for w in rep.warnings)
+    result = split(path, out_dir=tmp_path / "parts")
+    assert [f.blocks for f in result.files] == [["style"], ["M00"], ["OUT03"]] and result.skipped_modules == 0
+    assert (tmp_path / "parts" / "three_OUT03.safetensors").exists()
+    assert cli_main(["inspect", str(path), "--no-norms"]) == 0
+    assert "OUT03    output_blocks.3.1 OUT03" in capsys.readouterr().out

@@ -40,7 +40,7 @@ from blora_network.sdxl.names import (
 
 from .algos import algo_of, all_finite
 from .measure import Progress, progress_bar, torch_threads
-from .metadata import KEY_DEMO
+from .metadata import KEY_DEMO, blocks_of_metadata
 from .safefile import open_safetensors, read_header_layout
 
 DEMO_TEXT = ("made by blora-network demo for its tiny SDXL-shaped UNet (64 channels at the widest, 32-wide text): "
@@ -146,6 +146,16 @@ class LoraFile:
 
     def role_layers(self, role: str, *, attention_only: bool = False) -> list[LoraLayer]:
         return [m for m in self.layers.values() if m.role == role and (m.is_attention or not attention_only)]
+
+    def trained_blocks(self) -> dict[str, list[LoraLayer]]:
+        """The blocks beyond B-LoRA's that the metadata says were trained (``blocks=OUT03`` writes
+        ``blora_blocks``), by label, with their layers; a block it names but does not hold is left out."""
+        out = {}
+        for label, attention in blocks_of_metadata(self.metadata).items():
+            layers = [m for m in self.layers.values() if m.block == attention and m.role is None]
+            if layers:
+                out[label] = layers
+        return out
 
     def block_layers(self, block: SdxlBlock, layers: str = "all") -> list[LoraLayer]:
         """The layers of an SDXL block: ``all`` of it (resnets, samplers, the transformer), its

@@ -19,7 +19,7 @@ from blora_network.files.algos import all_finite, alpha_value, effective_alpha
 from blora_network.files.lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
 from blora_network.files.measure import Progress, layer_norm_sq
 from blora_network.files.metadata import KEY_PRESET, KEY_WEIGHTS
-from blora_network.sdxl.blocks import BLOCKS, ROLES, sdxl_block_of
+from blora_network.sdxl.blocks import ROLES, lookup_sdxl_block, sdxl_block_of
 
 from .blockweights import BlockWeights, block_weight_vectors
 
@@ -28,7 +28,8 @@ __all__ = ["BlockReport", "InspectReport", "inspect", "TRAINING_KEYS"]
 
 @dataclass
 class BlockReport:
-    """One block of a file: content, style, layout, or ``other`` (everything else)."""
+    """One block of a file: content, style, layout, a block its metadata says was trained (``OUT03``,
+    ``M00``: ``blocks=`` training), or ``other`` (everything else)."""
 
     role: str
     ldm: Optional[str]
@@ -117,9 +118,13 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
     ``params x rank`` multiply-adds: nothing at B-LoRA's usual ranks, seconds at rank 600+.
     ``norms=False`` skips that and only scans for NaN/Inf.
     """
-    lora = open_sdxl_lora(path)
+    lora = open_sdxl_lora(path, need_blora=False)
     groups: dict[str, list[LoraLayer]] = {r: lora.role_layers(r) for r in lora.roles()}
-    others = [m for m in lora.layers.values() if m.role is None]
+    groups.update(lora.trained_blocks())
+    if not groups:  # neither a B-LoRA block nor blocks its metadata names: refused as before
+        open_sdxl_lora(path)
+    grouped = {m.name for g in groups.values() for m in g}
+    others = [m for m in lora.layers.values() if m.name not in grouped]
     if others:
         groups["other"] = others
     tallies, nonfinite = _read_groups(lora, groups, norms, progress)
@@ -168,11 +173,11 @@ def _read_groups(lora: LoraFile, groups: dict[str, list[LoraLayer]], norms: bool
 
 
 def _block_report(lora: LoraFile, group: str, layers: list[LoraLayer], tally: _Tally, norms: bool) -> BlockReport:
-    b = next((x for x in BLOCKS if x.role == group), None)
+    b = None if group == "other" else lookup_sdxl_block(group)
     return BlockReport(
         role=group,
-        ldm=b.ldm if b else None,
-        lbw=b.lbw if b else None,
+        ldm=b.attention if b else None,
+        lbw=b.name if b else None,
         modules=len(layers),
         attention_modules=sum(1 for m in layers if m.is_attention),
         params=sum(m.params for m in layers),

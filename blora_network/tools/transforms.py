@@ -188,16 +188,19 @@ def split_paths(path, out_dir=None, roles: Optional[Iterable[str]] = None) -> di
 
 def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, layers: str = "attention", force: bool = False,
           progress: Optional[Progress] = None) -> SplitResult:
-    """One file per B-LoRA block found, or per block named in ``roles`` (any SDXL block by any name;
-    each must be in the file), holding that block's ``layers`` (see :func:`extract`).
+    """One file per B-LoRA block found (and per block ``blocks=`` training put in the file, as its
+    metadata says), or per block named in ``roles`` (any SDXL block by any name; each must be in the
+    file), holding that block's ``layers`` (see :func:`extract`).
 
     ``out_dir`` is made when it does not exist yet (and removed again if the split fails).
     """
     named = roles is not None and len(roles) > 0
     blocks = _blocks_named(roles, layers, "split") if named else []
-    lora = open_sdxl_lora(path, need_blora=not named)
-    if not named:
-        blocks = [lookup_sdxl_block(r) for r in lora.roles()]
+    lora = open_sdxl_lora(path, need_blora=False)
+    if not named:  # the B-LoRA blocks, and the blocks its metadata says were trained (blocks=OUT03)
+        blocks = [lookup_sdxl_block(r) for r in [*lora.roles(), *lora.trained_blocks()]]
+        if not blocks:
+            open_sdxl_lora(path)  # refused as before: no B-LoRA block, and what the file holds
     parts = {b.label: _require(lora, b, layers, " to split out") for b in blocks}
     made = _make_folders(Path(out_dir)) if out_dir is not None else []
     try:
