@@ -185,5 +185,11 @@ def test_the_tools_read_the_trained_blocks_back(unet, tmp_path, capsys):
     result = split(path, out_dir=tmp_path / "parts")
     assert [f.blocks for f in result.files] == [["style"], ["M00"], ["OUT03"]] and result.skipped_modules == 0
     assert (tmp_path / "parts" / "three_OUT03.safetensors").exists()
+    vectors = {v.name: (v.lbw, v.inspire) for v in rep.block_weights}
+    # LBW: BASE,IN04,IN05,IN07,IN08,M00,OUT00..OUT05; Inspire: BASE, then this file's blocks by number change:
+    # middle_block.1 and output_blocks.1 share a value there (load_lbw compares block numbers only), then output 3
+    assert vectors["OUT03 only"] == ("0,0,0,0,0,0,0,0,0,1,0,0", "0,0,1,0,0,0,0,0,0,0,0,0")
+    assert vectors["M00 only"] == ("0,0,0,0,0,1,0,0,0,0,0,0", "0,1,0,0,0,0,0,0,0,0,0,0")
+    assert vectors["every block held"][0] == "0,0,0,0,0,1,0,1,0,1,0,0"
     assert cli_main(["inspect", str(path), "--no-norms"]) == 0
     assert "OUT03    output_blocks.3.1 OUT03" in capsys.readouterr().out

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from blora_network.errors import LoraFileError
-from blora_network.sdxl.blocks import ATTENTION_BLOCKS, SDXL_BLOCKS, lookup_block, sdxl_block_of
+from blora_network.sdxl.blocks import ATTENTION_BLOCKS, SDXL_BLOCKS, lookup_block, lookup_sdxl_block, sdxl_block_of
 
 __all__ = ["LBW_SDXL_BLOCKS", "LBW_SDXL_FULL", "BlockWeights", "lbw_slot", "lbw_vector", "inspire_blocks",
            "inspire_vector", "block_weight_vectors", "parse_vector", "lbw_layer_weights", "inspire_layer_weights"]
@@ -120,13 +120,18 @@ def _combos(roles: list[str]) -> list[list[str]]:
     return combos
 
 
-def block_weight_vectors(roles: list[str], ldm_blocks: Iterable[str]) -> list[BlockWeights]:
+def block_weight_vectors(roles: list[str], ldm_blocks: Iterable[str], trained: Iterable[str] = ()) -> list[BlockWeights]:
     """Vectors for each B-LoRA block alone, content+style, and all three, for a file holding
     ``roles`` and layers in ``ldm_blocks`` (every layer's LDM block, text encoders included); then,
     when the file holds blocks beyond B-LoRA's, one vector keeping every block it holds (1 each, to
-    edit in the UI; ``roles`` of that entry are the LBW names)."""
+    edit in the UI; ``roles`` of that entry are the LBW names). ``trained``: labels of further blocks
+    the file was trained on (``blocks=OUT03``), each of which gets an "only" vector too."""
     blocks = list(ldm_blocks)
     out = []
+    for label in trained:
+        weights = {lookup_sdxl_block(label).attention: 1.0}
+        out.append(BlockWeights(name=f"{label} only", roles=[label], lbw=lbw_vector(weights),
+                                inspire=inspire_vector(blocks, weights)))
     for combo in _combos(roles):
         weights = {lookup_block(r).ldm: 1.0 for r in combo}
         name = combo[0] + " only" if len(combo) == 1 else "+".join(combo)

@@ -142,7 +142,8 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
         modules=len(lora.layers),
         tensors=sum(len(m.keys) for m in lora.layers.values()) + len(lora.unparsed),
         nonfinite_tensors=nonfinite,
-        block_weights=block_weight_vectors(lora.roles(), [m.block for m in lora.layers.values()]),
+        block_weights=block_weight_vectors(lora.roles(), [m.block for m in lora.layers.values()],
+                                           [g for g in groups if g not in ROLES and g != "other"]),
     )
 
 
