@@ -18,7 +18,7 @@ from blora_network.errors import NetworkArgsError, PresetError
 from blora_network.files.safefile import load_tensors, read_metadata
 from blora_network.network.options import BLOCK_SETTING_KEYS, parse_network_args
 from blora_network.network.presets import load_preset
-from blora_network.sdxl.blocks import (ATTENTION_BLOCKS, BLOCKS, SDXL_BLOCKS, label_of_kohya_name, lookup_sdxl_block,
+from blora_network.sdxl.blocks import (ATTENTION_BLOCKS, BLOCKS, LABELS, SDXL_BLOCKS, label_of_kohya_name, lookup_sdxl_block,
                                        parse_sdxl_blocks, sdxl_block_of)
 from blora_network.sdxl.names import SDXL_BLOCK_WIDTHS, block_of_kohya_name, diffusers_block_of_ldm_block, ldm_block_of_diffusers_block
 from blora_network.sdxl.unet import FULL, build_unet, module_names
@@ -97,9 +97,17 @@ def _per_block(loras) -> dict[str, int]:
 
 @pytest.mark.parametrize("blocks", ["OUT00,OUT01,OUT03", "IN04,MID,OUT05", "OUT1,OUT3,OUT4,OUT5"])
 def test_blocks_trains_the_attention_layers_plan_reports(full_unet, blocks):
-    network = blora_network.create_network(1.0, 4, 1, None, None, full_unet, blocks=blocks)
+    network = blora_network.create_network(1.0, 4, 1, None, None, full_unet, blocks=blocks, OUT05_lr="5e-5") \
+        if "OUT5" in blocks or "OUT05" in blocks else blora_network.create_network(1.0, 4, 1, None, None, full_unet, blocks=blocks)
     report = plan(f"blocks={blocks}", 4)
     assert _per_block(network.unet_loras) == {b.block: b.modules for b in report.blocks}
+    network.apply_to(None, full_unet, False, True)  # the calls sd-scripts makes next
+    groups, descriptions = network.prepare_optimizer_params(None, 1e-4, 1e-4)
+    labels = [lookup_sdxl_block(b).label for b in blocks.split(",")]
+    assert descriptions == [f"unet {label}" for label in sorted(labels, key=list(LABELS).index)]
+    assert [len(g["params"]) for g in groups] == [2 * b.modules for b in sorted(
+        report.blocks, key=lambda b: list(LABELS).index(lookup_sdxl_block(b.block).label))]
+    assert [g["lr"] for g in groups] == [5e-5 if d == "unet OUT05" else 1e-4 for d in descriptions]
     wanted = parse_sdxl_blocks(blocks)
     assert [b.block for b in report.blocks] == [b.attention for b in wanted]
     for b in report.blocks:  # attention projections only: 8 per transformer block (10 deep at 1280, 2 at 640)
