@@ -651,7 +651,8 @@ def create_network_from_weights(
         if rank:
             ranks.append(int(rank))
     options = parse_network_args(max(ranks) if ranks else 1, None, {k: v for k, v in kwargs.items() if k != "preset"})
-    preset = replace(load_preset(kwargs.get("preset")), name=Path(str(file)).stem, source=str(file))
+    chosen = preset_for_blocks(options.blocks) if options.blocks else load_preset(kwargs.get("preset"))
+    preset = replace(chosen, name=Path(str(file)).stem, source=str(file))
     network = BLoRANetwork.from_modules(unet, modules, preset=preset, options=options, multiplier=float(multiplier))
     network.for_inference = bool(for_inference)
     return network, weights
