@@ -201,3 +201,13 @@ def test_the_tools_read_the_trained_blocks_back(unet, tmp_path, capsys):
     assert vectors["every block held"][0] == "0,0,0,0,0,1,0,1,0,1,0,0"
     assert cli_main(["inspect", str(path), "--no-norms"]) == 0
     assert "OUT03    output_blocks.3.1 OUT03" in capsys.readouterr().out
+
+
+def test_a_preset_file_takes_the_same_per_block_keys(unet, tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(r"unet_target_name = ['^(?!.*(ff\.net|proj)).*output_blocks\.3\.1\..*$', "
+                    r"'^(?!.*(ff\.net|proj)).*output_blocks\.1\.1\..*$']" "\n[blora]\nOUT03_dim = 2\nstyle_alpha = 3\n")
+    assert load_preset(str(path)).blocks == ("style", "OUT03")
+    network = blora_network.create_network(1.0, 8, 1, None, None, unet, preset=str(path))
+    summary = network.block_summary()
+    assert (summary["OUT03"]["rank"], summary["style"]["alpha"]) == (2, 3.0)
