@@ -156,6 +156,7 @@ def test_block_keys_survive_the_kohya_gui_quoting():
     ({"blocks": "OUT00", "OUT03_dim": "4"}, r"OUT03_dim: OUT03 is not among blocks=content"),
     ({"blocks": "OUT00", "content_dim": "4", "OUT00_dim": "8"}, r"content_dim and OUT00_dim set the same block's dim"),
     ({"blocks": "OUT03", "OUT07_dim": "4"}, r"OUT07_dim: block OUT07 \(output_blocks.7\) holds no attention"),
+    ({"blocks": "OUT03", "OUT03_dmi": "4"}, r"unknown network_args key 'OUT03_dmi'. Did you mean 'OUT03_dim'\?"),
     ({"blocks": "OUT03", "OUT3_dim": "4"}, r"write the block as OUT03_dim"),
     ({"blocks": "OUT03", "OUT03_dim": "x"}, r"OUT03_dim='x': not an integer"),
     ({"blocks": "OUT03", "OUT03_lr": "-1"}, r"OUT03_lr=-1: a learning rate cannot be negative"),

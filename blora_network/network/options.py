@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from blora_network.errors import NetworkArgsError
-from blora_network.sdxl.blocks import ATTENTION_BLOCKS, SDXL_BLOCKS, lookup_sdxl_block, parse_sdxl_blocks
+from blora_network.sdxl.blocks import ATTENTION_BLOCKS, lookup_sdxl_block, parse_sdxl_blocks
 
 __all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS", "LORAPLUS_KEYS", "BLOCK_SETTING_KEYS",
            "BLOCK_SETTINGS", "block_setting_key",
@@ -230,18 +230,21 @@ def block_setting_key(key: str) -> Optional[tuple[str, str]]:
 
 
 def _refuse_block_key(key: str) -> None:
-    """``IN01_dim``, ``OUT9_lr``: name the block problem rather than "unknown key"."""
+    """``IN01_dim`` (a block without attention), ``OUT3_lr`` (another spelling of a block): say so.
+    A typo (``contnet_dim``) is left to the unknown-key message and its "did you mean"."""
     m = _BLOCK_KEY_RE.match(key)
-    if m is None or m.group("block") in ("conv", "network", "block"):
+    if m is None:
         return
     try:
-        lookup_sdxl_block(m.group("block"), attention=True, where=f"network_args {key}: ")
-    except ValueError as e:
-        if any(m.group("block").upper() == b.name for b in SDXL_BLOCKS) or "did you mean" in str(e):
-            raise NetworkArgsError(f"{e}; per-block keys: {m.group('block')}_dim, _alpha, _lr for those blocks") from None
+        block = lookup_sdxl_block(m.group("block"))
+    except ValueError:
         return
-    raise NetworkArgsError(f"network_args {key}: write the block as {lookup_sdxl_block(m.group('block')).name}_"
-                           f"{m.group('what')} (or the role name for content, style, layout)")
+    if block.attention is None and m.group("block").upper() == block.name:
+        raise NetworkArgsError(f"network_args {key}: block {block.name} ({block.ldm}) holds no attention layers; "
+                               f"per-block keys exist for {', '.join(b.name for b in ATTENTION_BLOCKS)} and the roles")
+    if block.attention is not None:
+        raise NetworkArgsError(f"network_args {key}: write the block as {block.name}_{m.group('what')} "
+                               "(or the role name for content, style, layout)")
 
 
 def _parse_blocks(value: str) -> tuple[str, ...]:
