@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from blora_network.errors import BLoraError
-from blora_network.sdscripts.check import check_command_line, check_config
+from blora_network.sdscripts.check import check_arguments
 from blora_network.sdscripts.recipe import PAPER, write_recipe
 from blora_network.sdxl.blocks import lookup_block
 from blora_network.tools import demo
@@ -191,18 +191,13 @@ def _run_recipe(args) -> Output:
 
 def _add_check(p) -> None:
     p.add_argument("words", nargs="*", metavar="CONFIG.toml | -- ARGS",
-                   help="an sd-scripts training config (--config_file), or after -- the sd-scripts command line "
-                        "(accelerate launch sdxl_train_network.py ... or just its options)")
+                   help="an sd-scripts training config (--config_file); after -- the sd-scripts command line "
+                        "(accelerate launch sdxl_train_network.py ... or just its options); CONFIG.toml -- ARGS "
+                        "reads as --config_file CONFIG.toml ARGS")
 
 
 def _run_check(args) -> Output:
-    words = [w for w in args.words if w != "--"]
-    if not words:
-        raise BLoraError("nothing to check: give CONFIG.toml, or -- followed by the sd-scripts command line")
-    if len(words) == 1 and not words[0].startswith("-"):
-        report = check_config(words[0])
-    else:
-        report = check_command_line(words)
+    report = check_arguments(args.words)
     lines = [f"{f.severity}: {f.key}: {f.message}" for f in report.findings]
     verdict = ("would fail: fix the errors above before training" if report.errors else
                "ok to train" + (" (see the warnings)" if report.warnings else ": every value follows the B-LoRA recipe"))
@@ -240,9 +235,11 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
         "every B-LoRA mistake: network_module, alpha= different from dim, text-encoder training, a learning "
         "rate far from the recipe, a resolution that is not SDXL's, a preset that does not resolve, "
         "network_args the network would reject at step 0 (it runs the network's own validation on SDXL's "
-        "layer names), values sd-scripts would stop on. Exit 1 when the run would fail, 0 otherwise.",
+        "layer names), values sd-scripts would stop on. A command line is read as sd-scripts' parser reads it "
+        "(every option, abbreviations, --config_file first and the options over it; any other word is "
+        "'unrecognized arguments'). Exit 1 when the run would fail, 0 otherwise.",
         "  blora-network check runs/dog/dog.toml\n"
-        "  blora-network check -- --config_file runs/dog/dog.toml --learning_rate 1e-4\n"
+        "  blora-network check runs/dog/dog.toml -- --learning_rate 1e-4\n"
         "  blora-network check --json -- accelerate launch sdxl_train_network.py --network_module blora_network ...",
         _add_check, _run_check),
 )
