@@ -67,11 +67,11 @@ def _run_plan(args) -> Output:
 
     result = plan(args.preset, args.dim)
     lines = [f"preset {result.preset} ({result.source}) at rank {result.dim} on sd-scripts' full-size SDXL UNet",
-             f"  {'block':<20} {'role':<8} {'layers':>6} {'parameters':>13}"]
+             f"  {'block':<20} {'role':<8} {'rank':>5} {'layers':>6} {'parameters':>13}"]
     for b in result.blocks:
-        lines.append(f"  {b.block:<20} {b.role or '-':<8} {b.modules:>6} {b.params:>13,}")
+        lines.append(f"  {b.block:<20} {b.role or '-':<8} {b.rank:>5} {b.modules:>6} {b.params:>13,}")
         lines += [f"      {layer}" for layer in b.layers] if args.list else [f"      {_layer_kinds(b.layers)}"]
-    lines.append(f"  {'total':<20} {'':<8} {result.modules:>6} {result.params:>13,}")
+    lines.append(f"  {'total':<20} {'':<8} {'':>5} {result.modules:>6} {result.params:>13,}")
     fb, ob = result.file_bytes, result.optimizer_bytes
     lines.append(f"file size: fp16 {human_size(fb['fp16'])}, bf16 {human_size(fb['bf16'])}, fp32 {human_size(fb['fp32'])} "
                  "(plus training metadata, usually a few KiB)")
@@ -213,7 +213,8 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "plan", "dry run: what a preset trains at a rank, file size, optimizer memory",
         "Without any model file: the layers a preset (built-in name or TOML path) trains on sd-scripts' "
-        "full-size SDXL UNet, per block; the parameter count (220,160 x dim per B-LoRA block); the file size "
+        "full-size SDXL UNet, per block, built as training builds it (a preset's [blora] dims, 0 turning a "
+        "block off); the parameter count (220,160 x rank per B-LoRA block); the file size "
         "at fp16/bf16/fp32; and the adapter's AdamW memory. A preset that selects nothing is refused, as "
         "training would refuse it.",
         "  blora-network plan --preset content_style --dim 64\n"

@@ -13,7 +13,6 @@ or warnings (it runs, but not as B-LoRA trains best).
 from __future__ import annotations
 
 import difflib
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -183,22 +182,10 @@ def _check_network(values: dict, kwargs: dict[str, str], report: CheckReport, ba
 
 
 def _build_on_sdxl(preset, options) -> None:
-    """The network's constructor on sd-scripts' full-size SDXL UNet, on the meta device (no memory)."""
-    import torch
+    """The network's constructor on sd-scripts' full-size SDXL UNet (meta device), as ``plan`` builds it."""
+    from blora_network.tools.plan import build_on_sdxl
 
-    from blora_network.network.kohya import BLoRANetwork
-    from blora_network.sdxl.unet import FULL, meta_unet
-
-    loggers = [logging.getLogger(name) for name in ("LyCORIS", "blora_network")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:  # LyCORIS logs its module table to stdout: not part of a check's report
-            lg.setLevel(logging.WARNING)
-        with torch.device("meta"):
-            BLoRANetwork(None, meta_unet(FULL), preset=preset, options=options)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    build_on_sdxl(preset, options)
 
 
 def _far(lr: float) -> bool:
