@@ -12,6 +12,7 @@ from PIL import Image
 
 from blora_network.cli.main import main as cli_main
 from blora_network.sdscripts.recipe import LOWVRAM, PAPER, toml_value
+from lora_factories import full_attention_layers, write_kohya, write_sdxl_checkpoint
 from sdscripts_schema import dataset_problems, real_sd_scripts, training_args, training_problems
 
 
@@ -35,8 +36,7 @@ def good(tmp_path) -> Path:
 
 
 def recipe(folder: Path, out: Path, *extra) -> int:
-    model = folder.parent / "sd_xl_base_1.0.safetensors"  # recipe only names it (it notes a model it cannot find)
-    model.touch()
+    model = write_sdxl_checkpoint(folder.parent / "sd_xl_base_1.0.safetensors")  # recipe reads its header only
     return cli("recipe", folder, "--model", model, "-o", out, *extra)
 
 
@@ -180,3 +180,22 @@ def test_recipe_files_pass_sd_scripts_own_reader(good, tmp_path, monkeypatch):
     dataset = group.datasets[0]
     captions = sorted(info.caption for info in dataset.image_data.values())
     assert captions == ["A [v]", "A [v] dog sitting on the grass"]
+
+
+def test_model_as_sd_scripts_loads_it(good, tmp_path, capsys):
+    """A single-file SDXL checkpoint or a diffusers folder (model_index.json + unet/) or a Hugging Face
+    id pass (sdxl_train_util._load_target_model takes each); a LoRA or a bare folder does not."""
+    from blora_network.sdscripts.recipe import check_model
+
+    diffusers = tmp_path / "sdxl-diffusers"
+    (diffusers / "unet").mkdir(parents=True)
+    (diffusers / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    assert check_model(str(diffusers)) == (str(diffusers.resolve()), None)
+    model, note = check_model("stabilityai/stable-diffusion-xl-base-1.0")
+    assert model == "stabilityai/stable-diffusion-xl-base-1.0" and "Hugging Face model id" in note
+    assert cli("recipe", good, "--model", diffusers, "-o", tmp_path / "run") == 0
+    assert toml.load(str(tmp_path / "run" / "dog.toml"))["model"]["pretrained_model_name_or_path"] == str(diffusers.resolve())
+    lora = write_kohya(tmp_path / "mine.safetensors", full_attention_layers(["style"])[:2], 4)
+    assert cli("recipe", good, "--model", lora, "-o", tmp_path / "run2") == 1
+    err = capsys.readouterr().err
+    assert "a LoRA (6 tensors, e.g. lora_unet_output_blocks_1_1_" in err and not (tmp_path / "run2").exists()
