@@ -136,7 +136,8 @@ def _run_demo(args) -> Output:
 
 def _add_recipe(p) -> None:
     p.add_argument("images", metavar="IMAGES", help="folder of training images (one is enough for B-LoRA), with "
-                                                    "optional caption files NAME.txt")
+                                                    "optional caption files NAME.txt; or the kohya layout "
+                                                    "IMAGES/N_class tokens/ (N repeats)")
     p.add_argument("--model", required=True, metavar="SDXL.safetensors", help="the SDXL base checkpoint to train on")
     p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR",
                    help="folder for NAME.toml and NAME_dataset.toml (created if missing); the LoRA is saved there too")
@@ -158,12 +159,16 @@ def _scan_lines(result) -> list[str]:
     captions = sum(1 for i in images if i.caption_file)
     sizes = sorted({f"{i.width}x{i.height}" for i in images})
     shown = ", ".join(sizes[:6]) + (f" and {len(sizes) - 6} more sizes" if len(sizes) > 6 else "")
+    token = (f"{len(scan.subsets)} kohya folder(s) N_class tokens" if scan.kohya_layout else
+             f"trigger token {scan.token!r}")
     lines = [f"{scan.folder}: {len(images)} image(s) ({shown}), {captions} with a caption file "
-             f"({scan.caption_extension}), trigger token {scan.token!r}"]
+             f"({scan.caption_extension}), {token}"]
+    lines += [f"  {Path(s.image_dir).name}/: {s.images} image(s), {s.num_repeats} repeats, class tokens {s.class_tokens!r}"
+              for s in scan.subsets if scan.kohya_layout]
     for i in images:
         token = "with" if i.has_token else "WITHOUT"
         cap = (f"caption {i.caption!r} ({token} the token)" if i.caption_file else
-               f"no caption file (caption {scan.token!r} from class_tokens)")
+               f"no caption file (caption {i.class_tokens!r} from class_tokens)")
         lines.append(f"  {Path(i.file).name}: {i.width}x{i.height}, {cap}")
     return lines
 
@@ -177,8 +182,14 @@ def _run_recipe(args) -> Output:
     lines = _scan_lines(result) + [f"note: {n}" for n in result.notes]
     lines.append(f"wrote {result.training_config} (training config: preset {result.preset}, rank {result.rank}, alpha "
                  f"{result.rank}, AdamW lr {PAPER.learning_rate:g} constant, {result.steps} steps, batch 1, 1024 px, bf16)")
-    lines.append(f"wrote {result.dataset_config} (dataset config: {result.num_repeats} repeats per image, so one epoch "
-                 "covers the run)")
+    if result.num_repeats is not None:
+        lines.append(f"wrote {result.dataset_config} (dataset config: {result.num_repeats} repeats per image, so one "
+                     "epoch covers the run)")
+    else:
+        epochs = result.steps / result.epoch_steps
+        lines.append(f"wrote {result.dataset_config} (dataset config: one subset per kohya folder, with its repeats and "
+                     f"class tokens; an epoch is images x repeats = {result.epoch_steps} steps at batch 1, and the run "
+                     f"stops at max_train_steps {result.steps}, {epochs:.3g} epoch(s))")
     for o in result.lowvram:
         lines.append(f"--lowvram: {o.key} = {str(o.value).lower()}: {o.why} (sd-scripts {o.source})")
     lines += [f"--lowvram leaves out {k}: {why}" for k, why in result.lowvram_left_out.items()]
@@ -222,8 +233,10 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
     Subcommand("demo", _DEMO_HELP, _DEMO_DESCRIPTION, _DEMO_EXAMPLE, _add_demo, _run_demo),
     Subcommand(
         "recipe", "a folder of images -> the paper's sd-scripts run (training + dataset config, command)",
-        "Check IMAGES as sd-scripts will read them (images, sizes below 1024 px, caption files and the trigger "
-        "token, files it would stop on), then write OUT_DIR/NAME.toml (--config_file: the B-LoRA recipe: "
+        "Check IMAGES as sd-scripts will read them (images, sizes its bucketing enlarges, caption files and the "
+        "trigger token, files it would stop on, truncated images included; a kohya folder layout IMAGES/10_sks dog/ "
+        "is read as sd-scripts reads it: 10 repeats, class tokens 'sks dog'), then write OUT_DIR/NAME.toml "
+        "(--config_file: the B-LoRA recipe: "
         "blora_network, rank 64 = alpha, UNet only, AdamW 5e-5 constant, 1000 steps, batch 1, 1024 px, bf16, "
         "gradient checkpointing, cached latents) and OUT_DIR/NAME_dataset.toml (--dataset_config), and print "
         "the accelerate launch line. --lowvram adds sd-scripts' memory savers for a 12 GB card.",

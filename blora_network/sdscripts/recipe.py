@@ -1,7 +1,8 @@
 """``recipe``: a folder of images -> the paper's sd-scripts run, as two config files and one command.
 
 Writes ``NAME.toml`` (for ``--config_file``: every value of the B-LoRA recipe) and
-``NAME_dataset.toml`` (for ``--dataset_config``: the image folder with its captions), after
+``NAME_dataset.toml`` (for ``--dataset_config``: the image folder with its captions, or one subset
+per kohya ``N_class tokens`` folder with its repeats and class tokens), after
 checking the folder the way sd-scripts will read it (:mod:`blora_network.sdscripts.images`). Resolution
 and batch size go in the training config, not the dataset config, so that a command-line
 ``--resolution`` or ``--train_batch_size`` still overrides them (sd-scripts takes a dataset
@@ -22,7 +23,7 @@ import toml
 from blora_network.errors import BLoraError
 
 from .args import IMAGE_EXTENSIONS, SDXL_SCRIPT
-from .images import SDXL_PIXELS, ImageScan, scan_images
+from .images import BUCKETING, ImageScan, bucket_of, scan_images
 
 __all__ = ["Recipe", "PAPER", "LowVramOption", "LOWVRAM", "LOWVRAM_LEFT_OUT", "RecipeResult", "write_recipe",
            "training_config", "dataset_config", "check_model"]
@@ -91,7 +92,10 @@ class RecipeResult:
     preset: str
     rank: int
     steps: int
-    num_repeats: int
+    num_repeats: Optional[int]
+    """Repeats per image the recipe chose (a plain folder), or None: the kohya folders' own repeats."""
+    epoch_steps: int
+    """Steps in one epoch at batch 1: images x repeats, over every subset."""
     lowvram: list[LowVramOption]
     lowvram_left_out: dict[str, str]
     scan: ImageScan
@@ -150,17 +154,14 @@ def training_config(*, model: str, out_dir: Path, name: str, preset: str, rank: 
     }
 
 
-def dataset_config(scan: ImageScan, *, token: str, num_repeats: int) -> dict[str, Any]:
-    """The ``--dataset_config`` document: one DreamBooth subset for the image folder."""
+def dataset_config(scan: ImageScan, *, token: str, num_repeats: Optional[int]) -> dict[str, Any]:
+    """The ``--dataset_config`` document: one DreamBooth subset for a plain image folder (``token``,
+    ``num_repeats``), or one per kohya ``N_class tokens`` folder with its own repeats and tokens."""
+    subsets = [{"image_dir": s.image_dir, "class_tokens": s.class_tokens if scan.kohya_layout else token,
+                "num_repeats": s.num_repeats if scan.kohya_layout else num_repeats} for s in scan.subsets]
     return {
-        "general": {
-            "caption_extension": scan.caption_extension,
-            "enable_bucket": True,
-            "min_bucket_reso": 512,
-            "max_bucket_reso": 2048,
-            "bucket_reso_steps": 64,
-        },
-        "datasets": [{"subsets": [{"image_dir": scan.folder, "class_tokens": token, "num_repeats": num_repeats}]}],
+        "general": {"caption_extension": scan.caption_extension, **BUCKETING},
+        "datasets": [{"subsets": subsets}],
     }
 
 
@@ -246,13 +247,13 @@ def _outputs(out_dir: Path, name: str, force: bool) -> tuple[Path, Path]:
 
 
 def _notes(scan: ImageScan) -> list[str]:
-    notes = [f"{Path(i.file).name}: {i.width}x{i.height} ({i.width * i.height / 1e6:.2f} MP) is below SDXL's "
-             f"1024x1024 px: sd-scripts upscales it to about {SDXL_PIXELS / 1e6:.2f} MP, and the blur is learned as "
-             "part of the style; use a larger image if you have one" for i in scan.small]
+    notes = [f"{Path(i.file).name}: {i.width}x{i.height} ({i.width * i.height / 1e6:.2f} MP): sd-scripts' bucketing "
+             f"enlarges it x{i.upscale:.2f} to cover the {'x'.join(map(str, bucket_of(i.width, i.height)[0]))} bucket, "
+             "and the blur is learned as part of the style; use a larger image if you have one" for i in scan.small]
     notes += [f"{Path(i.file).name}: no caption file {Path(i.file).stem}{scan.caption_extension}: it is trained with "
-              f"the caption {scan.token!r} (class_tokens)" for i in scan.missing_captions]
+              f"the caption {i.class_tokens!r} (class_tokens)" for i in scan.missing_captions]
     notes += [f"{Path(i.caption_file).name}: the caption {i.caption!r} does not contain the trigger token "
-              f"{scan.token!r}; the B-LoRA will not answer to it" for i in scan.without_token]
+              f"{i.class_tokens!r}; the B-LoRA will not answer to it" for i in scan.without_token]
     notes += [f"ignored by sd-scripts: {x}" for x in scan.ignored]
     return notes
 
@@ -319,7 +320,9 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
         raise BLoraError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (it becomes file names)")
     model_path, model_note = check_model(model)
     train_path, data_path = _outputs(out, name, force)
-    num_repeats = max(1, math.ceil(steps / len(scan.usable)))  # one epoch covers the run: no per-epoch overhead
+    # a plain folder: one epoch covers the run (no per-epoch overhead); kohya folders keep their repeats
+    num_repeats = None if scan.kohya_layout else max(1, math.ceil(steps / len(scan.usable)))
+    epoch_steps = sum(s.images * (s.num_repeats or num_repeats) for s in scan.subsets)
     train = training_config(model=model_path, out_dir=out, name=name, preset=_preset_arg(preset), rank=rank,
                             steps=steps, lowvram=lowvram)
     data = dataset_config(scan, token=token, num_repeats=num_repeats)
@@ -333,7 +336,7 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
     command = f"accelerate launch {SDXL_SCRIPT} --config_file {_quote(train_path)} --dataset_config {_quote(data_path)}"
     return RecipeResult(
         training_config=str(train_path), dataset_config=str(data_path), command=command, name=name,
-        preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats,
+        preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats, epoch_steps=epoch_steps,
         lowvram=list(LOWVRAM) if lowvram else [],
         lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=scan,
         notes=_notes(scan) + ([model_note] if model_note else []),
