@@ -221,7 +221,7 @@ def test_kohya_folder_layout_is_read_as_sd_scripts_reads_train_data_dir(tmp_path
         {"image_dir": str((root / "5_ink_wash").resolve()), "class_tokens": "ink_wash", "num_repeats": 5},
     ]
     assert "3 image(s) (1024x1024)" in text and "2 kohya folder(s)" in text
-    assert "b.png: no caption file b.txt: it is trained with the caption 'sks dog' (class_tokens)" in text
+    assert "10_sks dog/b.png: no caption file b.txt: it is trained with the caption 'sks dog' (class_tokens)" in text
     assert "misc/ (not N_class tokens" in text and "0_off/ (0 repeats" in text and "e.png (beside the N_class" in text
     assert "an epoch is images x repeats = 25 steps at batch 1, and the run stops at max_train_steps 100, 4 epoch(s)" in text
     sd, _ = real_sd_scripts()

@@ -380,3 +380,10 @@ def test_a_failing_check_piped_into_head_still_fails(tmp_path):
         proc.stdout.close()  # the reader is gone before the first line is written
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == status, err
+
+
+def test_a_training_config_in_a_general_table_is_still_a_training_config(tmp_path):
+    """read_config_from_file lifts any table: [general] holding training options is a training config."""
+    path = tmp_path / "run.toml"
+    path.write_text(toml.dumps({"general": recipe_values(tmp_path)}))
+    assert check_config(path).findings == []

@@ -223,7 +223,13 @@ def is_dataset_config(doc: Mapping[str, Any]) -> bool:
     datasets = doc.get("datasets")
     if isinstance(datasets, list) and datasets and all(isinstance(d, dict) for d in datasets):
         return True
-    return bool(doc) and set(doc) <= set(DATASET_TABLES) and isinstance(doc.get("general", {}), dict)
+    general = doc.get("general", {})
+    return (bool(doc) and set(doc) <= set(DATASET_TABLES) and isinstance(general, dict)
+            and not _TRAINING_ONLY & set(general))
+
+
+_TRAINING_ONLY = {"network_module", "pretrained_model_name_or_path", "output_dir", "network_dim", "learning_rate"}
+"""Keys no dataset config has: a ``[general]`` table holding one is a training config's section."""
 
 
 def _int_or_float(text: str):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from blora_network.errors import BLoraError
 
 from .args import (
+    SDXL_SCRIPT,
     TrainingArgs,
     check_words,
     config_args,
@@ -298,7 +299,7 @@ def _reading_findings(args: TrainingArgs, report: CheckReport) -> set:
             bad_types.add(key)
     for key, option in unknown_keys(values):
         hint = f" (did you mean {option}?)" if option else ""
-        report.add("warning", key, f"not an sd-scripts option{hint}; sd-scripts ignores it")
+        report.add("warning", key, f"not an option of sd-scripts' {SDXL_SCRIPT}{hint}; it ignores the key")
     return bad_types
 
 

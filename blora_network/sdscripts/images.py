@@ -122,9 +122,14 @@ class ImageScan:
     def usable(self) -> list[ImageInfo]:
         return [i for i in self.images if i.problem is None]
 
+    def shown(self, info: ImageInfo) -> str:
+        """An image's name as the user finds it: ``cut.jpg``, or ``10_sks dog/cut.jpg`` in the kohya layout."""
+        path = Path(info.file)
+        return f"{path.parent.name}/{path.name}" if self.kohya_layout else path.name
+
     @property
     def problems(self) -> list[str]:
-        return [f"{Path(i.file).name} ({i.problem})" for i in self.images if i.problem]
+        return [f"{self.shown(i)} ({i.problem})" for i in self.images if i.problem]
 
     @property
     def small(self) -> list[ImageInfo]:

@@ -247,10 +247,10 @@ def _outputs(out_dir: Path, name: str, force: bool) -> tuple[Path, Path]:
 
 
 def _notes(scan: ImageScan) -> list[str]:
-    notes = [f"{Path(i.file).name}: {i.width}x{i.height} ({i.width * i.height / 1e6:.2f} MP): sd-scripts' bucketing "
+    notes = [f"{scan.shown(i)}: {i.width}x{i.height} ({i.width * i.height / 1e6:.2f} MP): sd-scripts' bucketing "
              f"enlarges it x{i.upscale:.2f} to cover the {'x'.join(map(str, bucket_of(i.width, i.height)[0]))} bucket, "
              "and the blur is learned as part of the style; use a larger image if you have one" for i in scan.small]
-    notes += [f"{Path(i.file).name}: no caption file {Path(i.file).stem}{scan.caption_extension}: it is trained with "
+    notes += [f"{scan.shown(i)}: no caption file {Path(i.file).stem}{scan.caption_extension}: it is trained with "
               f"the caption {i.class_tokens!r} (class_tokens)" for i in scan.missing_captions]
     notes += [f"{Path(i.caption_file).name}: the caption {i.caption!r} does not contain the trigger token "
               f"{i.class_tokens!r}; the B-LoRA will not answer to it" for i in scan.without_token]
