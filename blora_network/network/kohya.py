@@ -47,7 +47,15 @@ from blora_network.sdxl.names import kohya_module_name, text_encoder_index
 from .guards import guard_lokr
 from .merge import WeightBackup, merge_module
 from .modelcheck import check_preset_matches, unwrap_unet
-from .options import LORAPLUS_KEYS, NetworkOptions, block_algo_map, choose_bypass, lycoris_kwargs, parse_network_args
+from .options import (
+    LORAPLUS_KEYS,
+    NetworkOptions,
+    block_algo_map,
+    choose_bypass,
+    lycoris_kwargs,
+    parse_network_args,
+    refuse_repeated_keys,
+)
 from .presets import Preset, load_preset
 from .regions import InferenceHooks, RegionState
 
@@ -237,6 +245,7 @@ class BLoRANetwork(LycorisNetworkKohya):
 
         It runs before ``accelerator.prepare`` wraps anything, so a refusal costs no model load.
         """
+        refuse_repeated_keys(getattr(args, "network_args", None))
         if getattr(args, "deepspeed", False) and int(getattr(args, "zero_stage", 2) or 0) >= 3:
             raise NetworkArgsError(
                 "--deepspeed --zero_stage 3 cannot train LyCORIS adapters: they replace each adapted layer's "

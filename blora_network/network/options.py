@@ -19,8 +19,8 @@ from typing import Any, Mapping, Optional, Union
 from blora_network.errors import NetworkArgsError
 from blora_network.sdxl.blocks import BLOCKS, ROLES
 
-__all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS", "LORAPLUS_KEYS",
-           "choose_bypass", "block_algo_map", "lycoris_kwargs"]
+__all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "refuse_repeated_keys", "LYCORIS_OPTIONS",
+           "LORAPLUS_KEYS", "choose_bypass", "block_algo_map", "lycoris_kwargs"]
 
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
@@ -211,6 +211,24 @@ def parse_network_args(
             raise NetworkArgsError(f"network_args {key}={parsed[key]:g}: must be in [0, 1)")
     options.lycoris = parsed
     return options
+
+
+def refuse_repeated_keys(items) -> None:
+    """A key given twice in ``--network_args`` (``preset=content_style preset=style``) is an error.
+
+    sd-scripts builds ``create_network``'s keyword arguments with a dict, so the last one wins and
+    the network never sees the first: the raw list (``prepare_network``'s ``args.network_args``,
+    or what ``check`` reads) is the only place the repeat shows.
+    """
+    seen: dict[str, str] = {}
+    for item in items or ():
+        if not isinstance(item, str) or "=" not in item:
+            continue
+        key = item.split("=", 1)[0]
+        if key in seen:
+            raise NetworkArgsError(f"network_args gives {key} twice ({seen[key]!r} and {item!r}): sd-scripts keeps "
+                                   "only the last one and drops the other silently; give each key once")
+        seen[key] = item
 
 
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
