@@ -46,7 +46,15 @@ from blora_network.sdxl.names import kohya_module_name, text_encoder_index
 from .guards import guard_lokr
 from .merge import WeightBackup, merge_module
 from .modelcheck import check_preset_matches, unwrap_unet
-from .options import LORAPLUS_KEYS, NetworkOptions, block_algo_map, choose_bypass, lycoris_kwargs, parse_network_args
+from .options import (
+    LORAPLUS_KEYS,
+    NetworkOptions,
+    block_algo_map,
+    choose_bypass,
+    gui_network_args,
+    lycoris_kwargs,
+    parse_network_args,
+)
 from .presets import Preset, load_preset
 from .regions import InferenceHooks, RegionState
 
@@ -529,6 +537,7 @@ def _warn_alpha(options: NetworkOptions, network_alpha: Any) -> None:
 def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -> tuple[Preset, NetworkOptions]:
     """The preset and typed options ``create_network`` would use, or the error it would raise
     before touching the model (``blora-network check`` runs this too)."""
+    kwargs = gui_network_args(kwargs)
     raw_preset = kwargs.get("preset")
     preset = load_preset(str(raw_preset) if raw_preset is not None else None)
     if neuron_dropout is not None and kwargs.get("dropout") is None:

@@ -20,7 +20,7 @@ from blora_network.errors import NetworkArgsError
 from blora_network.sdxl.blocks import BLOCKS, ROLES
 
 __all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS", "LORAPLUS_KEYS",
-           "choose_bypass", "block_algo_map", "lycoris_kwargs"]
+           "choose_bypass", "block_algo_map", "lycoris_kwargs", "gui_network_args", "GUI_REFUSED", "LYCORIS_PRESETS"]
 
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
@@ -271,3 +271,87 @@ def lycoris_kwargs(options: NetworkOptions, *, multiplier: float, bypass: bool) 
         lyco.pop(key, None)
     kwargs.update(lyco)
     return kwargs
+
+
+# -- what the kohya_ss GUI hands over (bmaltais/kohya_ss 45088f04, v26: sd-scripts v0.11.1) ----------
+
+GUI_QUOTE = "'"
+"""The GUI passes each Additional-parameters word through ``shlex.quote`` to a process started without
+a shell, so a word with a character outside ``[A-Za-z0-9_@%+=:,./-]`` arrives wrapped in ``'``."""
+
+LYCORIS_PRESETS = ("attn-mlp", "attn-only", "full", "full-lin", "unet-transformer-only", "unet-convblock-only")
+"""The GUI's "LyCORIS Preset" choices (lora_gui.py LYCORIS_PRESETS_CHOICES): LyCORIS's names, not ours."""
+
+_BLOCK_LR = "per-block learning-rate weights over sd-scripts' 23 SDXL blocks"
+_BLOCK_DIM = "per-block ranks over sd-scripts' 23 SDXL blocks"
+GUI_REFUSED: dict[str, tuple[str, str]] = {
+    "down_lr_weight": ("Down LR weights", _BLOCK_LR),
+    "mid_lr_weight": ("Mid LR weights", _BLOCK_LR),
+    "up_lr_weight": ("Up LR weights", _BLOCK_LR),
+    "block_lr_zero_threshold": ("Blocks LR zero threshold", _BLOCK_LR),
+    "block_dims": ("Block dims", _BLOCK_DIM),
+    "block_alphas": ("Block alphas", _BLOCK_DIM),
+    "conv_block_dims": ("Conv dims", _BLOCK_DIM),
+    "conv_block_alphas": ("Conv alphas", _BLOCK_DIM),
+    "unit": ("DyLoRA Unit / Block size", "networks.dylora's rank unit"),
+    "train_on_input": ("iA3 train on input", "LyCORIS iA3's option"),
+}
+"""Network args the GUI writes (lora_gui.py train_model, LoRA types Standard, Kohya LoCon, LoRA-FA,
+Kohya DyLoRA, LyCORIS/iA3) whose meaning in sd-scripts' ``networks.lora`` a B-LoRA network cannot
+have: B-LoRA trains its preset's blocks, each with its own rank and rate."""
+
+_INSTEAD = ("B-LoRA trains only its preset's blocks: clear the field and set content_dim=, style_dim=, "
+            "content_lr=, style_lr= (0 turns a block off) after --network_args in Additional parameters")
+
+
+def _unquoted(key: str, value: Any) -> tuple[str, Any, bool]:
+    if key.startswith(GUI_QUOTE) and isinstance(value, str) and value.endswith(GUI_QUOTE) and len(key) > 1:
+        return key[1:], value[:-1], True
+    return key, value, False
+
+
+def _windows_path(value: str) -> str:
+    """A preset path typed with backslashes, read with either slash: as typed if it exists (Windows),
+    else with ``/`` when that exists; as typed otherwise, so an error names what the user wrote."""
+    from pathlib import Path
+
+    if "\\" not in value or Path(value).expanduser().exists():
+        return value
+    forward = value.replace("\\", "/")
+    return forward if Path(forward).expanduser().exists() else value
+
+
+def gui_network_args(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``--network_args`` as the user meant them when they came through the kohya_ss GUI, or an error.
+
+    - ``'preset=C:\\p\\my.toml'`` (the GUI's quotes; sd-scripts splits it into the key ``'preset`` and a
+      value ending in ``'``, on the first ``=`` in main and on every ``=`` in v0.9) is read as typed.
+    - The GUI's own fields are honoured with ``networks.lora``'s meaning where the network has it:
+      ``rank_dropout`` rescales the kept ranks by 1/(1-p) there, so ``rank_dropout_scale`` defaults to
+      true here; LoRA+ ratios, ``module_dropout`` and ``network_dropout`` pass through as they are.
+    - Block-list fields and LyCORIS preset names are refused, naming the GUI field and what to set.
+    """
+    import logging
+
+    log = logging.getLogger("blora_network")
+    out: dict[str, Any] = {}
+    for raw_key, raw_value in kwargs.items():
+        key, value, quoted = _unquoted(str(raw_key), raw_value)
+        if quoted:
+            log.info("blora_network: network_args %s=%s arrived as %s=%s: the kohya_ss GUI quotes words with "
+                     "characters outside [A-Za-z0-9_@%%+=:,./-]; read as typed", key, value, raw_key, raw_value)
+        if key in GUI_REFUSED:
+            label, meaning = GUI_REFUSED[key]
+            raise NetworkArgsError(f"network_args {key}={value}: kohya_ss's '{label}' field ({meaning}); {_INSTEAD}")
+        out[key] = value
+    preset = out.get("preset")
+    if isinstance(preset, str) and preset.strip() in LYCORIS_PRESETS:
+        raise NetworkArgsError(
+            f"network_args preset={preset}: a LyCORIS preset from kohya_ss's 'LyCORIS Preset' field (a LyCORIS LoRA "
+            "type); set LoRA type to Standard and add --network_args preset=content_style (or another B-LoRA "
+            "preset) to Additional parameters")
+    if isinstance(preset, str):
+        out["preset"] = _windows_path(preset.strip())
+    if out.get("rank_dropout") not in (None, "") and "rank_dropout_scale" not in out:
+        out["rank_dropout_scale"] = "true"
+    return out
