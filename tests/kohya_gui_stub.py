@@ -9,6 +9,8 @@
   parameters TEXT.
 - ``load FILE``: the values the GUI's ``open_configuration`` loads from a config or preset FILE,
   by field name.
+- ``print FILE``: "Print training command" after loading FILE over the fields' defaults: the
+  command ``train_model`` builds and the TOML it writes (``accelerate`` stands for its path).
 
 gradio and easygui are replaced by recording stand-ins: building the tab and the command is plain
 Python. A child process keeps the GUI's sys.path, logging and excepthook changes out of the tests.
@@ -111,6 +113,35 @@ def load(lora_gui, path: str) -> dict:
     return dict(zip(names, values[1:]))
 
 
+def _TEXTBOXES(lora_gui) -> set:
+    return {name for name, comp in lora_gui.last_built_field_registry if comp.kind == "Textbox"}
+
+
+def print_command(lora_gui, path: str) -> dict:
+    from kohya_gui.class_gui_config import KohyaSSGUIConfig
+
+    lora_gui.lora_tab(headless=True, config=KohyaSSGUIConfig(config_file_path="/nonexistent/config.toml"))
+    defaults = {name: comp.kwargs.get("value", "" if comp.kind == "Textbox" else None)  # gradio: a Textbox holds ""
+                for name, comp in lora_gui.last_built_field_registry}
+    defaults = {name: "" if value is None and name in _TEXTBOXES(lora_gui) else value for name, value in defaults.items()}
+    names = [p for p in inspect.signature(lora_gui.open_configuration).parameters
+             if p not in ("ask_for_file", "apply_preset", "file_path")]
+    values = lora_gui.open_configuration(False, False, path, *(defaults.get(n, "none") for n in names))
+    loaded = dict(zip(names, values[1:]))
+    loaded.pop("training_preset", None)
+    captured: dict = {}
+
+    def capture(run_cmd, tmpfilename):
+        with open(tmpfilename, encoding="utf-8") as f:
+            captured.update(command=list(run_cmd), toml=f.read())
+
+    lora_gui.print_command_and_toml = capture
+    lora_gui.executor = types.SimpleNamespace(is_running=lambda: False)
+    lora_gui.get_executable_path = lambda name=None: "accelerate"
+    lora_gui.train_model(headless=True, print_only=True, **loaded)
+    return captured
+
+
 def main(argv: list[str]) -> None:
     gui_dir, action = argv[1], argv[2]
     install_stubs()
@@ -122,7 +153,9 @@ def main(argv: list[str]) -> None:
     else:
         from kohya_gui import lora_gui
 
-        result = fields(lora_gui) if action == "fields" else load(lora_gui, argv[3])
+        actions = {"fields": lambda: fields(lora_gui), "load": lambda: load(lora_gui, argv[3]),
+                   "print": lambda: print_command(lora_gui, argv[3])}
+        result = actions[action]()
     sys.stdout.write("\n" + json.dumps(result, default=str) + "\n")
 
 

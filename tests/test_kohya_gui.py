@@ -27,7 +27,7 @@ import toml
 import blora_network
 from blora_network.cli.main import main as cli_main
 from blora_network.errors import NetworkArgsError
-from blora_network.sdscripts.check import check_config
+from blora_network.sdscripts.check import check_command_line, check_config
 from blora_network.sdscripts.kohya_gui import gui_values, gui_words
 from blora_network.sdscripts.recipe import write_recipe
 from blora_network.sdxl.unet import TINY, build_unet
@@ -58,10 +58,16 @@ def standard(**fields) -> dict:
     return data
 
 
-def sd_scripts_network(data: dict, tmp_path: Path, *, split_every: bool = False, words=None):
-    """What sd-scripts builds from the GUI's TOML + command: the parser over the file, then create_network."""
+def sd_scripts_network(data: dict, tmp_path: Path, *, split_every: bool = False):
+    """What sd-scripts builds from the GUI's TOML (:func:`gui_values`) and its command."""
     toml_path = tmp_path / "config_lora.toml"
     toml_path.write_text(toml.dumps(gui_values(data)))
+    return network_from(toml_path, gui_words(data["additional_parameters"]), split_every=split_every)
+
+
+def network_from(toml_path: Path, words: list[str], *, split_every: bool = False):
+    """sd-scripts' reading: the file seeds the namespace, the command line is parsed over it
+    (read_config_from_file), train_network.py splits network_args and calls create_network."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--config_file")
     parser.add_argument("--network_module")
@@ -69,9 +75,7 @@ def sd_scripts_network(data: dict, tmp_path: Path, *, split_every: bool = False,
     parser.add_argument("--network_dim", type=int)
     parser.add_argument("--network_alpha", type=float)
     parser.add_argument("--network_dropout", type=float)
-    argv = ["--config_file", str(toml_path), *(gui_words(data["additional_parameters"]) if words is None else words)]
-    config = toml.load(toml_path)  # read_config_from_file: the file seeds the namespace, the command line wins
-    args = parser.parse_args(argv, namespace=argparse.Namespace(**config))
+    args = parser.parse_args(["--config_file", str(toml_path), *words], namespace=argparse.Namespace(**toml.load(toml_path)))
     assert args.network_module == "blora_network"
     kwargs = {}
     for item in args.network_args or []:
@@ -212,6 +216,26 @@ def test_the_real_gui_loads_the_recipe_preset(tmp_path):
     assert {k: loaded[k] for k in preset} == preset
     fields = real_gui("fields")
     assert {k: v["type"] for k, v in fields.items()} == {k: v["type"] for k, v in FIELDS.items()}
+
+
+@needs_gui
+def test_the_real_gui_print_command_trains_the_recipe(tmp_path):
+    result = _recipe(tmp_path)
+    (tmp_path / "sdxl.safetensors").write_bytes(b"")  # the GUI checks that the model path exists
+    printed = real_gui("print", result.gui_preset)
+    command = printed["command"]
+    script = next(i for i, w in enumerate(command) if w.endswith("sdxl_train_network.py"))
+    words = command[script + 1:]
+    assert words[0] == "--config_file" and words[2:] == ["--network_module=blora_network", "--network_args",
+                                                         "preset=content_style"]
+    gui_toml = Path(words[1])
+    assert toml.loads(printed["toml"]) == toml.load(gui_toml)
+    assert toml.load(gui_toml)["network_module"] == "networks.lora"  # the GUI's own choice, overridden
+    network, kwargs = network_from(gui_toml, words[2:])
+    assert kwargs == {"preset": "content_style"} and network.preset.name == "content_style"
+    assert {m.lora_dim for m in network.unet_loras} == {64}
+    report = check_command_line(command)
+    assert report.errors == 0, [f.message for f in report.findings]
 
 
 # -- check CONFIG.json ----------------------------------------------------------------------------

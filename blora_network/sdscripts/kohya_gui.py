@@ -122,7 +122,8 @@ def gui_network_module(data: Mapping[str, Any]) -> tuple[str, str]:
         module = "lycoris.kohya"
         args = f" preset={data.get('LyCORIS_preset', 'full')}"
         for key in _LYCORIS_KEYS.get(lora_type, ("conv_dim", "conv_alpha")):
-            args += f" {key}={data.get(key)}"
+            if data.get(key) is not None:  # a partial preset: the GUI would use the field's current value
+                args += f" {key}={data[key]}"
         args += f" algo={_LYCORIS_ALGO[lora_type]} train_norm={data.get('train_norm', False)}"
     elif lora_type in _NATIVE_MODULES:
         module = _NATIVE_MODULES[lora_type]
@@ -222,6 +223,7 @@ def gui_preset(*, model: str, dataset_config: str, out_dir: str, name: str, pres
         "save_precision": precision,
         "gradient_checkpointing": True,
         "cache_latents": True,
+        "bucket_no_upscale": False,  # the GUI's default is on; the recipe lets sd-scripts upscale small images
         "sdxl_cache_text_encoder_outputs": lowvram,
         "fp8_base": lowvram,
         "xformers": "sdpa" if lowvram else "none",
@@ -271,7 +273,7 @@ def _gui_findings(data: Mapping[str, Any], words: list[str], gui_args: list[str]
         out.append(("warning", "text_encoder_lr", f"{data.get('text_encoder_lr')}: the GUI sets network_train_unet_only "
                                                   "only when the Text Encoder learning rate is 0; set it to 0"))
     if module != "blora_network":
-        out.append(("error", "additional_parameters", f"no {MODULE_WORD}: the GUI runs {module} (it has no network "
+        out.append(("warning", "additional_parameters", f"no {MODULE_WORD}: the GUI runs {module} (it has no network "
                                                       f"module field); add {MODULE_WORD} --network_args "
                                                       "preset=content_style to Advanced > Additional parameters"))
     out += _word_findings(words, str(data.get("additional_parameters") or ""))
