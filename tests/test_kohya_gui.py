@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import toml
+import torch
 
 import blora_network
 from blora_network.cli.main import main as cli_main
@@ -58,14 +59,14 @@ def standard(**fields) -> dict:
     return data
 
 
-def sd_scripts_network(data: dict, tmp_path: Path, *, split_every: bool = False):
+def sd_scripts_network(data: dict, tmp_path: Path, *, split_every: bool = False, unet=None):
     """What sd-scripts builds from the GUI's TOML (:func:`gui_values`) and its command."""
     toml_path = tmp_path / "config_lora.toml"
     toml_path.write_text(toml.dumps(gui_values(data)))
-    return network_from(toml_path, gui_words(data["additional_parameters"]), split_every=split_every)
+    return network_from(toml_path, gui_words(data["additional_parameters"]), split_every=split_every, unet=unet)
 
 
-def network_from(toml_path: Path, words: list[str], *, split_every: bool = False):
+def network_from(toml_path: Path, words: list[str], *, split_every: bool = False, unet=None):
     """sd-scripts' reading: the file seeds the namespace, the command line is parsed over it
     (read_config_from_file), train_network.py splits network_args and calls create_network."""
     parser = argparse.ArgumentParser()
@@ -81,7 +82,8 @@ def network_from(toml_path: Path, words: list[str], *, split_every: bool = False
     for item in args.network_args or []:
         key, value = item.split("=") if split_every else item.split("=", 1)
         kwargs[key] = value
-    network = blora_network.create_network(1.0, args.network_dim, args.network_alpha, None, None, build_unet(TINY),
+    network = blora_network.create_network(1.0, args.network_dim, args.network_alpha, None, None,
+                                           build_unet(TINY) if unet is None else unet,
                                            neuron_dropout=getattr(args, "network_dropout", None), **kwargs)
     return network, kwargs
 
@@ -163,7 +165,8 @@ def test_a_typed_network_args_replaces_the_gui_list(tmp_path):
     ({"block_dims": "2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2,2"}, ("'Block dims'", "content_dim=")),
     ({"up_lr_weight": "1,1,0,0,0,0,0,0,0"}, ("'Up LR weights'", "content_lr=")),
     ({"LoRA_type": "LyCORIS/LoCon", "LyCORIS_preset": "full", "conv_dim": 4, "conv_alpha": 1},
-     ("'LyCORIS Preset'", "LoRA type to Standard")),
+     ("'LyCORIS Preset'", "path of a B-LoRA preset file", "LoRA type to Standard")),
+    ({"LoRA_type": "Kohya DyLoRA", "unit": 4}, ("'DyLoRA Unit / Block size'", "LyCORIS/DyLoRA")),
 ])
 def test_gui_fields_the_network_cannot_honour_are_refused_by_name(tmp_path, fields, words):
     data = standard(additional_parameters="--network_module=blora_network", **fields)
@@ -171,6 +174,49 @@ def test_gui_fields_the_network_cannot_honour_are_refused_by_name(tmp_path, fiel
         sd_scripts_network(data, tmp_path)
     assert all(w in str(e.value) for w in words), str(e.value)
     assert check_config(_json(tmp_path, data)).exit_status == 1
+
+
+LYCORIS_FIELDS = dict(conv_dim=4, conv_alpha=1, use_tucker=False, rank_dropout=0, bypass_mode=False, dora_wd=False,
+                      module_dropout=0, use_scalar=False, rank_dropout_scale=False, train_norm=False, factor=-1,
+                      use_cp=False, decompose_both=False, unit=1, constrain=0, rescaled=False, train_on_input=True)
+"""The LoRA tab's LyCORIS fields at the values a saved config holds (kohya_ss test/config/locon-AdamW.json)."""
+
+
+@pytest.mark.parametrize("lora_type,module", [
+    ("LyCORIS/LoCon", "LoConModule"), ("LyCORIS/LoHa", "LohaModule"), ("LyCORIS/LoKr", "LokrModule"),
+    ("LyCORIS/DyLoRA", "DyLoraModule"), ("LyCORIS/GLoRA", "GLoRAModule"), ("LyCORIS/BOFT", "ButterflyOFTModule"),
+    ("LyCORIS/Diag-OFT", "DiagOFTModule"), ("LyCORIS/iA3", "IA3Module"), ("LyCORIS/Native Fine-Tuning", "FullModule"),
+    ("Kohya LoCon", "LoConModule"), ("LoRA-FA", "LoConModule"), ("Kohya LoHa", "LoConModule"),
+])
+def test_each_lora_type_trains_b_loras_blocks_with_its_fields(tmp_path, lora_type, module):
+    """A LyCORIS type with a B-LoRA preset file as its 'LyCORIS Preset' trains that algorithm on the preset's
+    layers; the native types' fields (conv dims, LoHa/LoKr extras) reach the network as LyCORIS options."""
+    from blora_network.sdxl.unet import random_inputs
+
+    preset = tmp_path / "style_q.toml"
+    preset.write_text('unet_target_name = ["^output_blocks\\\\.1\\\\.1\\\\..*attn1\\\\.to_q$"]\n')
+    data = standard(LoRA_type=lora_type, LyCORIS_preset=str(preset), additional_parameters="--network_module=blora_network",
+                    **LYCORIS_FIELDS)
+    unet = build_unet(TINY, seed=0)
+    network, kwargs = sd_scripts_network(data, tmp_path, unet=unet)
+    assert {type(m).__name__ for m in network.unet_loras} == {module}
+    if lora_type.startswith("LyCORIS/"):
+        assert kwargs["preset"] == str(preset) and len(network.unet_loras) == 10
+    if lora_type == "LyCORIS/iA3":
+        assert all(m.train_input for m in network.unet_loras)  # "iA3 train on input" honoured
+    network.apply_to(None, unet, False, True)
+    groups, _ = network.prepare_optimizer_params(None, 1e-2, 1e-2)
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    unet.requires_grad_(False)
+    before = [p.detach().clone() for g in groups for p in g["params"]]
+    x, t, ctx, y = random_inputs(TINY, batch=1, seed=1)
+    for _ in range(2):
+        loss = unet(x, t, ctx, y).square().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(b, p) for b, p in zip(before, (p for g in groups for p in g["params"])))
 
 
 # -- the recipe's GUI preset ----------------------------------------------------------------------
@@ -289,3 +335,13 @@ def test_check_bad_gui_files_give_one_line(tmp_path, capsys, text, status, words
     assert len(err.splitlines()) == 1 and all(w in err for w in words), err
     assert cli_main(["check", str(tmp_path / "missing.json")]) == 1
     assert "missing.json: not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["dylora", "full"])
+def test_algorithms_without_a_bypass_form_get_rebuild_mode(algo):
+    """The GUI's LyCORIS/DyLoRA and Native Fine-Tuning types send no bypass_mode: auto picks rebuild."""
+    network = blora_network.create_network(1.0, 4, 1, None, None, build_unet(TINY), preset="style", algo=algo)
+    assert network.bypass is False
+    with pytest.raises(NetworkArgsError, match="remove bypass_mode"):
+        blora_network.create_network(1.0, 4, 1, None, None, build_unet(TINY), preset="style", algo=algo,
+                                     bypass_mode="true")

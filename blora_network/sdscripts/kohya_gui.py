@@ -60,18 +60,30 @@ GUI_LABELS: dict[str, str] = {
 _KOHYA_VARS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold", "block_dims",
                "block_alphas", "conv_block_dims", "conv_block_alphas", "rank_dropout", "module_dropout")
 """What the Standard, Kohya LoCon and LoRA-FA types add when the field is set (truthy)."""
+_DYLORA_VARS = ("conv_dim", "conv_alpha", *_KOHYA_VARS[:8], "rank_dropout", "module_dropout", "unit")
 _LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-_LYCORIS_KEYS: dict[str, tuple[str, ...]] = {
-    "LyCORIS/LoCon": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd",
-                      "module_dropout", "use_scalar", "rank_dropout_scale"),
-    "LyCORIS/LoHa": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd",
-                     "module_dropout", "use_scalar", "rank_dropout_scale"),
-    "LyCORIS/LoKr": ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd",
-                     "module_dropout", "factor", "use_cp", "use_scalar", "decompose_both", "rank_dropout_scale"),
+_LOCON = ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd", "module_dropout",
+          "use_tucker", "use_scalar", "rank_dropout_scale")
+_LYCORIS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # LoRA type: (algo, network args in the GUI's order, "arg=field" where the names differ), preset first
+    "LyCORIS/BOFT": ("boft", ("conv_dim", "conv_alpha", "module_dropout", "use_tucker", "rank_dropout",
+                              "rank_dropout_scale", "algo", "train_norm")),
+    "LyCORIS/Diag-OFT": ("diag-oft", ("conv_dim", "conv_alpha", "module_dropout", "use_tucker", "rank_dropout",
+                                      "rank_dropout_scale", "constraint=constrain", "rescaled", "algo", "train_norm")),
+    "LyCORIS/DyLoRA": ("dylora", ("conv_dim", "conv_alpha", "use_tucker", "block_size=unit", "rank_dropout",
+                                  "module_dropout", "algo", "train_norm")),
+    "LyCORIS/GLoRA": ("glora", ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "module_dropout",
+                                "rank_dropout_scale", "algo", "train_norm")),
+    "LyCORIS/iA3": ("ia3", ("conv_dim", "conv_alpha", "train_on_input", "algo")),
+    "LyCORIS/LoCon": ("locon", (*_LOCON, "algo", "train_norm")),
+    "LyCORIS/LoHa": ("loha", (*_LOCON, "algo", "train_norm")),
+    "LyCORIS/LoKr": ("lokr", ("conv_dim", "conv_alpha", "use_tucker", "rank_dropout", "bypass_mode", "dora_wd",
+                              "module_dropout", "factor", "use_cp", "use_scalar", "decompose_both",
+                              "rank_dropout_scale", "algo", "train_norm")),
+    "LyCORIS/Native Fine-Tuning": ("full", ("rank_dropout", "module_dropout", "rank_dropout_scale", "algo",
+                                            "train_norm")),
 }
-_LYCORIS_ALGO = {"LyCORIS/LoCon": "locon", "LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr",
-                 "LyCORIS/BOFT": "boft", "LyCORIS/Diag-OFT": "diag-oft", "LyCORIS/DyLoRA": "dylora",
-                 "LyCORIS/GLoRA": "glora", "LyCORIS/iA3": "ia3", "LyCORIS/Native Fine-Tuning": "full"}
+"""train_model's network_args string for each LyCORIS type (module ``lycoris.kohya``)."""
 _NATIVE_MODULES = {"Standard": "networks.lora", "Kohya LoCon": "networks.lora", "LoRA-FA": "networks.lora_fa",
                    "Kohya DyLoRA": "networks.dylora", "Kohya LoHa": "networks.loha", "Kohya LoKr": "networks.lokr"}
 _GUI_KEYS = ("LoRA_type", "additional_parameters", "sdxl", "max_resolution", "optimizer")
@@ -112,25 +124,50 @@ def _number(value: Any, default: float = 0.0) -> float:
         return default
 
 
+def _lycoris_args(data: Mapping[str, Any], lora_type: str) -> str:
+    algo, keys = _LYCORIS[lora_type]
+    args = f" preset={data.get('LyCORIS_preset', 'full')}"
+    for spec in keys:
+        arg, _, name = spec.partition("=")
+        if arg == "algo":
+            args += f" algo={algo}"
+        elif data.get(name or arg) is not None:  # a partial preset: the GUI would use the field's current value
+            args += f" {arg}={data[name or arg]}"
+    return args
+
+
+def _native_loha_lokr_args(data: Mapping[str, Any], lokr: bool) -> str:
+    """build_native_loha_lokr_network_args: only values off their defaults."""
+    parts = []
+    if _number(data.get("conv_dim")) > 0:
+        alpha = _number(data.get("conv_alpha"), 1.0)
+        parts += [f"conv_dim={int(_number(data.get('conv_dim')))}", f"conv_alpha={int(alpha) if alpha == int(alpha) else alpha}"]
+    if data.get("use_tucker"):
+        parts.append("use_tucker=True")
+    if lokr and int(_number(data.get("factor"), -1)) != -1:
+        parts.append(f"factor={int(_number(data.get('factor')))}")
+    parts += [f"{k}={data[k]}" for k in ("rank_dropout", "module_dropout") if _number(data.get(k)) > 0]
+    return "".join(" " + p for p in parts)
+
+
 def gui_network_module(data: Mapping[str, Any]) -> tuple[str, str]:
     """``(network_module, network_args string)`` as ``train_model`` derives them from "LoRA type"."""
     lora_type = str(data.get("LoRA_type") or "Standard")
     if lora_type == "LoCon":  # update_my_data renames it on load
         lora_type = "LyCORIS/LoCon"
     args = ""
-    if lora_type in _LYCORIS_ALGO:
-        module = "lycoris.kohya"
-        args = f" preset={data.get('LyCORIS_preset', 'full')}"
-        for key in _LYCORIS_KEYS.get(lora_type, ("conv_dim", "conv_alpha")):
-            if data.get(key) is not None:  # a partial preset: the GUI would use the field's current value
-                args += f" {key}={data[key]}"
-        args += f" algo={_LYCORIS_ALGO[lora_type]} train_norm={data.get('train_norm', False)}"
+    if lora_type in _LYCORIS:
+        module, args = "lycoris.kohya", _lycoris_args(data, lora_type)
     elif lora_type in _NATIVE_MODULES:
         module = _NATIVE_MODULES[lora_type]
         if lora_type == "Kohya LoCon":
             args += f' conv_dim="{data.get("conv_dim")}" conv_alpha="{data.get("conv_alpha")}"'
         if lora_type in ("Standard", "Kohya LoCon", "LoRA-FA"):
             args += "".join(f" {key}={data[key]}" for key in _KOHYA_VARS if data.get(key))
+        elif lora_type == "Kohya DyLoRA":
+            args += "".join(f" {key}={data[key]}" for key in dict.fromkeys(_DYLORA_VARS) if data.get(key))
+        else:
+            args += _native_loha_lokr_args(data, lora_type == "Kohya LoKr")
     else:  # Flux1, Anima, Lumina, ...: not an SDXL UNet network
         module = f"(LoRA type {lora_type})"
     args += "".join(f" {key}={data[key]}" for key in _LORAPLUS if data.get(key))
@@ -260,12 +297,24 @@ def _word_findings(words: list[str], typed: str) -> list[tuple[str, str, str]]:
     return out
 
 
+def _lora_type_finding(lora_type: str) -> tuple[str, str, str]:
+    if lora_type in _LYCORIS or lora_type == "LoCon":
+        return ("warning", "LoRA_type", f"{lora_type!r}: the GUI sends its 'LyCORIS Preset' as preset=, so that field "
+                                        "must be the path of a B-LoRA preset file (LyCORIS's own presets are refused); "
+                                        "or set LoRA type to Standard")
+    if lora_type in _NATIVE_MODULES:
+        return ("warning", "LoRA_type", f"{lora_type!r}: blora_network trains LyCORIS LoRA whatever this type says (for "
+                                        "LoHa or LoKr add algo=loha or algo=lokr after --network_args); set LoRA type "
+                                        "to Standard")
+    return ("error", "LoRA_type", f"{lora_type!r}: not an SDXL UNet LoRA type (the GUI runs another model's script); "
+                                  "set LoRA type to Standard and tick SDXL")
+
+
 def _gui_findings(data: Mapping[str, Any], words: list[str], gui_args: list[str], module: Any) -> list[tuple[str, str, str]]:
     out = []
     lora_type = data.get("LoRA_type", "Standard")
     if lora_type != "Standard":
-        out.append(("warning", "LoRA_type", f"{lora_type!r}: the GUI then writes that type's network_args "
-                                            "(blora_network refuses what it cannot honour); set LoRA type to Standard"))
+        out.append(_lora_type_finding(str(lora_type)))
     if data.get("sdxl") is False:
         out.append(("error", "sdxl", "off: the GUI runs train_network.py (SD1/SD2), not sdxl_train_network.py; "
                                      "tick the SDXL checkbox"))
