@@ -13,7 +13,8 @@
   command ``train_model`` builds and the TOML it writes (``accelerate`` stands for its path).
 
 gradio and easygui are replaced by recording stand-ins: building the tab and the command is plain
-Python. A child process keeps the GUI's sys.path, logging and excepthook changes out of the tests.
+Python. A child process keeps the GUI's sys.path, logging and excepthook changes out of the tests;
+run it in a scratch folder (the GUI's logging writes setup.log into the current one).
 """
 
 from __future__ import annotations

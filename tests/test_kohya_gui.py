@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -43,9 +44,11 @@ needs_gui = pytest.mark.skipif(not GUI_DIR, reason="KOHYA_SS_DIR is not set: the
 
 
 def real_gui(action: str, *args: str):
-    """tests/kohya_gui_stub.py on the checkout in KOHYA_SS_DIR: its JSON answer."""
-    out = subprocess.run([sys.executable, str(HERE / "kohya_gui_stub.py"), GUI_DIR, action, *args],
-                         capture_output=True, text=True, timeout=300)
+    """tests/kohya_gui_stub.py on the checkout in KOHYA_SS_DIR: its JSON answer. It runs in a scratch
+    folder: the GUI's logging writes setup.log into the current one."""
+    with tempfile.TemporaryDirectory() as scratch:
+        out = subprocess.run([sys.executable, str(HERE / "kohya_gui_stub.py"), GUI_DIR, action, *args],
+                             capture_output=True, text=True, timeout=300, cwd=scratch)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -294,12 +297,12 @@ def _json(tmp_path: Path, data: dict, name="gui.json") -> str:
 
 def test_check_names_every_gui_trap(tmp_path):
     data = standard(LoRA_type="Kohya LoCon", text_encoder_lr=1e-4, loraplus_lr_ratio=4, conv_dim=4, conv_alpha=1,
-                    additional_parameters=r"--network_args preset=C:\p\my.toml --output_name=my[1]")
+                    additional_parameters=r'--network_args preset=C:\p\my.toml "style_lr=5e-5 x" --output_name=my[1]')
     report = check_config(_json(tmp_path, data))
     text = "\n".join(f"{f.severity}: {f.key}: {f.message}" for f in report.findings)
     for words in ("LoRA_type: 'Kohya LoCon'", "text_encoder_lr: 0.0001", "no --network_module=blora_network",
                   "Windows backslashes", "--output_name=my[1]: has brackets", "these are dropped: conv_dim=4",
-                  "network_module: 'networks.lora' is not B-LoRA"):
+                  "network_module: 'networks.lora' is not B-LoRA", "holds '\"'", "x: a network arg without '='"):
         assert words in text, text
     assert report.exit_status == 1
 

@@ -276,7 +276,14 @@ def _word_findings(words: list[str], typed: str) -> list[tuple[str, str, str]]:
         out.append(("warning", "additional_parameters", "holds '\"': the GUI removes every '\"' and splits on spaces, so "
                                                         "a quoted value with a space becomes two words; use paths "
                                                         "without spaces"))
+    in_network_args = False
     for word in words:
+        if word.startswith("--"):
+            in_network_args = word == "--network_args"
+        elif in_network_args and "=" not in word:
+            out.append(("warning", "additional_parameters", f"{word}: a network arg without '=' (sd-scripts stops); if "
+                                                            "it is the rest of a value with a space, the GUI split it "
+                                                            "there: use a path without spaces"))
         if not word.startswith("'"):
             continue
         raw = word[1:-1]
