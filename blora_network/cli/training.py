@@ -140,7 +140,8 @@ def _add_recipe(p) -> None:
                                                     "IMAGES/N_class tokens/ (N repeats)")
     p.add_argument("--model", required=True, metavar="SDXL.safetensors", help="the SDXL base checkpoint to train on")
     p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR",
-                   help="folder for NAME.toml and NAME_dataset.toml (created if missing); the LoRA is saved there too")
+                   help="folder for NAME.toml, NAME_dataset.toml and NAME_kohya_gui.json (created if missing); the LoRA "
+                        "is saved there too")
     p.add_argument("--name", help="name of the run and of the files (default: the image folder's name)")
     p.add_argument("--preset", default="content_style", help="built-in preset or a preset TOML (default content_style)")
     p.add_argument("--token", default=PAPER.token, help=f"trigger token, the caption of an image without a caption "
@@ -195,16 +196,20 @@ def _run_recipe(args) -> Output:
     lines += [f"--lowvram leaves out {k}: {why}" for k, why in result.lowvram_left_out.items()]
     lines += ["run it from your sd-scripts folder:", f"  {result.command}",
               "options given after it override the file, e.g. --max_train_steps 1500 --learning_rate 4e-5"]
+    lines += [f"wrote {result.gui_preset} (the same run for the kohya_ss GUI: copy it into the GUI's "
+              "presets/lora/user_presets/ folder and pick it in the LoRA tab's Parameters > Presets, or open it with "
+              "Configuration > Open; it reads the images through the dataset config, so the GUI's "
+              "'N_token class' subfolder layout is not needed)"]
     return result, lines
 
 
 # -- check --------------------------------------------------------------------------------------
 
 def _add_check(p) -> None:
-    p.add_argument("words", nargs="*", metavar="CONFIG.toml | -- ARGS",
-                   help="an sd-scripts training config (--config_file); after -- the sd-scripts command line "
-                        "(accelerate launch sdxl_train_network.py ... or just its options); CONFIG.toml -- ARGS "
-                        "reads as --config_file CONFIG.toml ARGS")
+    p.add_argument("words", nargs="*", metavar="CONFIG.toml | CONFIG.json | -- ARGS",
+                   help="an sd-scripts training config (--config_file) or a kohya_ss GUI config or preset (.json); "
+                        "after -- the sd-scripts command line (accelerate launch sdxl_train_network.py ... or just "
+                        "its options); CONFIG.toml -- ARGS reads as --config_file CONFIG.toml ARGS")
 
 
 def _run_check(args) -> Output:
@@ -245,7 +250,8 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
         _add_recipe, _run_recipe),
     Subcommand(
         "check", "name every B-LoRA mistake in an sd-scripts config or command line, before the run",
-        "Read an sd-scripts training config (--config_file TOML) or, after --, its command line, and report "
+        "Read an sd-scripts training config (--config_file TOML), a kohya_ss GUI config or preset (JSON: the GUI's "
+        "traps first, then the run it would start) or, after --, its command line, and report "
         "every B-LoRA mistake: network_module, alpha= different from dim, text-encoder training, a learning "
         "rate far from the recipe, a resolution that is not SDXL's, a preset that does not resolve, "
         "network_args the network would reject at step 0 (it runs the network's own validation on SDXL's "
@@ -254,6 +260,7 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
         "'unrecognized arguments'). Exit 1 when the run would fail, 0 otherwise.",
         "  blora-network check runs/dog/dog.toml\n"
         "  blora-network check runs/dog/dog.toml -- --learning_rate 1e-4\n"
+        "  blora-network check runs/dog/dog_kohya_gui.json\n"
         "  blora-network check --json -- accelerate launch sdxl_train_network.py --network_module blora_network ...",
         _add_check, _run_check),
 )

@@ -52,6 +52,7 @@ from .options import (
     NetworkOptions,
     block_algo_map,
     choose_bypass,
+    gui_network_args,
     lycoris_kwargs,
     parse_network_args,
     refuse_repeated_keys,
@@ -538,6 +539,7 @@ def _warn_alpha(options: NetworkOptions, network_alpha: Any) -> None:
 def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -> tuple[Preset, NetworkOptions]:
     """The preset and typed options ``create_network`` would use, or the error it would raise
     before touching the model (``blora-network check`` runs this too)."""
+    kwargs = gui_network_args(kwargs)
     raw_preset = kwargs.get("preset")
     preset = load_preset(str(raw_preset) if raw_preset is not None else None)
     if neuron_dropout is not None and kwargs.get("dropout") is None:

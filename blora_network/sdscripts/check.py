@@ -88,36 +88,47 @@ def _network_kwargs(values: dict, report: CheckReport) -> Optional[dict[str, str
     return kwargs
 
 
-def _check_module(values: dict, kwargs: dict[str, str], report: CheckReport, bad: frozenset = frozenset()) -> bool:
-    """True when the run uses blora_network (the B-LoRA checks apply)."""
+def _check_module(values: dict, kwargs: dict[str, str], report: CheckReport, bad: frozenset = frozenset()) -> str:
+    """``blora`` when the run uses blora_network, ``meant`` when it is missing or misspelt (the B-LoRA
+    checks still apply), ``other`` for another module (its alpha and rate are still checked)."""
     module = values.get("network_module")
     if module is None and "network_module" in bad:
-        return False  # its type error says it all
+        return "meant"  # its type error says it all
     if module is None:
         report.add("error", "network_module", "not set: sd-scripts cannot import a network module; "
                                               "add network_module = \"blora_network\" (--network_module blora_network)")
-        return False
+        return "meant"
     if module == MODULE:
-        return True
+        return "blora"
     if module == "lycoris.kohya" and "preset" in kwargs:
-        _check_lycoris_preset(values, kwargs["preset"], report)
-    elif difflib.SequenceMatcher(None, module, MODULE).ratio() > 0.8:
+        return _check_lycoris_preset(values, kwargs["preset"], report)
+    if difflib.SequenceMatcher(None, module, MODULE).ratio() > 0.8:
         report.add("error", "network_module", f"{module!r}: no such module (sd-scripts stops: No module named ...); "
                                               f"did you mean {MODULE}?")
-    else:
-        report.add("warning", "network_module", f"{module!r} is not B-LoRA: it trains its own layer choice, with "
-                                                "sd-scripts' alpha; use network_module = \"blora_network\"")
-    return False
+        return "meant"
+    report.add("warning", "network_module", f"{module!r} is not B-LoRA: it trains its own layer choice, with "
+                                            "sd-scripts' alpha; use network_module = \"blora_network\"")
+    return "other"
 
 
-def _check_lycoris_preset(values: dict, spec: str, report: CheckReport) -> None:
+def _check_other_module(values: dict, report: CheckReport, bad: frozenset = frozenset(), *, alpha_named: bool) -> None:
+    """Another module keeps sd-scripts' alpha and rates: name what B-LoRA's recipe would change."""
+    dim, alpha = values.get("network_dim"), values.get("network_alpha", 1.0)
+    if not alpha_named and isinstance(dim, int) and dim > 0 and isinstance(alpha, (int, float)) and alpha != dim:
+        report.add("warning", "network_alpha", f"{alpha:g} with network_dim {dim}: scale {alpha / dim:.4g} (the paper "
+                                               "trains with alpha = dim; blora_network keeps alpha = dim)")
+    _check_lrs(values, {}, report, bad)
+
+
+def _check_lycoris_preset(values: dict, spec: str, report: CheckReport) -> str:
+    """``meant`` for a blora_network preset name, ``other-alpha`` when the alpha was named, else ``other``."""
     from blora_network.network.presets import builtin_names, load_preset
 
     if spec in builtin_names():
         report.add("error", "network_module", f"lycoris.kohya with preset={spec}: {spec!r} is a blora_network preset name, "
                                               "not a LyCORIS one (LyCORIS tries to open it as a file and stops); use "
                                               f"network_module = \"{MODULE}\"")
-        return
+        return "meant"
     try:
         roles = load_preset(spec).roles
     except BLoraError:
@@ -129,8 +140,9 @@ def _check_lycoris_preset(values: dict, spec: str, report: CheckReport) -> None:
         report.add("warning", "network_module", f"lycoris.kohya with the B-LoRA preset {spec}: alpha stays at "
                                                 f"network_alpha {alpha:g}{scale} (the paper uses alpha = dim); use "
                                                 f"network_module = \"{MODULE}\", which keeps alpha = dim")
-    else:
-        report.add("warning", "network_module", "lycoris.kohya is not B-LoRA: use network_module = \"blora_network\"")
+        return "other-alpha"
+    report.add("warning", "network_module", "lycoris.kohya is not B-LoRA: use network_module = \"blora_network\"")
+    return "other"
 
 
 def _validated(values: dict, kwargs: dict[str, str], report: CheckReport):
@@ -311,9 +323,14 @@ def check_run(args: TrainingArgs) -> CheckReport:
     bad = frozenset(bad_types)
     usable = {k: v for k, v in values.items() if k not in bad_types}
     kwargs = _network_kwargs(usable, report) if "network_args" not in bad_types else None
-    is_blora = _check_module(usable, kwargs or {}, report, bad)
-    if is_blora and kwargs is not None and not ({"network_dim", "network_alpha"} & bad_types):
+    module = _check_module(usable, kwargs or {}, report, bad)
+    if module in ("blora", "meant") and kwargs is not None and not ({"network_dim", "network_alpha"} & bad_types):
         _check_network(usable, kwargs, report, bad)
+    elif module.startswith("other"):
+        _check_other_module(usable, report, bad, alpha_named=module == "other-alpha" or bool(bad_types & {"network_dim",
+                                                                                                          "network_alpha"}))
+    else:
+        _check_lrs(usable, {}, report, bad)
     _check_resolution(usable, report, bad)
     _check_startup(usable, report, bad)
     report.errors = sum(1 for f in report.findings if f.severity == "error")
@@ -323,6 +340,11 @@ def check_run(args: TrainingArgs) -> CheckReport:
 
 
 def check_config(path) -> CheckReport:
+    """A training config (TOML), or a kohya_ss GUI config or preset (``.json``)."""
+    if str(path).lower().endswith(".json"):
+        from .kohya_gui import check_gui_config
+
+        return check_gui_config(path)
     return check_run(config_args(path))
 
 
@@ -331,5 +353,13 @@ def check_command_line(argv) -> CheckReport:
 
 
 def check_arguments(words) -> CheckReport:
-    """``blora-network check WORDS``: a config, a config and options, or a command line (:func:`.args.check_words`)."""
+    """``blora-network check WORDS``: a config, a config and options, or a command line (:func:`.args.check_words`);
+    or a kohya_ss GUI config (``.json``), alone: its Additional parameters are the run's command-line options."""
+    given = [w for w in words if w != "--"]
+    if given and not given[0].startswith("-") and given[0].lower().endswith(".json"):
+        if len(given) > 1:
+            raise BLoraError(f"{given[0]}: a kohya_ss GUI config is checked alone ({' '.join(given[1:])} given after "
+                             "it); put extra options in its Advanced > Additional parameters, or check the TOML and "
+                             "command the GUI prints: check CONFIG.toml -- ARGS")
+        return check_config(given[0])
     return check_run(check_words(words))

@@ -1,8 +1,9 @@
 """``recipe``: a folder of images -> the paper's sd-scripts run, as two config files and one command.
 
-Writes ``NAME.toml`` (for ``--config_file``: every value of the B-LoRA recipe) and
+Writes ``NAME.toml`` (for ``--config_file``: every value of the B-LoRA recipe),
 ``NAME_dataset.toml`` (for ``--dataset_config``: the image folder with its captions, or one subset
-per kohya ``N_class tokens`` folder with its repeats and class tokens), after
+per kohya ``N_class tokens`` folder with its repeats and class tokens) and ``NAME_kohya_gui.json``
+(the same run as a kohya_ss GUI preset, :mod:`.kohya_gui`), after
 checking the folder the way sd-scripts will read it (:mod:`blora_network.sdscripts.images`). Resolution
 and batch size go in the training config, not the dataset config, so that a command-line
 ``--resolution`` or ``--train_batch_size`` still overrides them (sd-scripts takes a dataset
@@ -24,6 +25,7 @@ from blora_network.errors import BLoraError
 
 from .args import IMAGE_EXTENSIONS, SDXL_SCRIPT
 from .images import BUCKETING, ImageScan, bucket_of, scan_images
+from .kohya_gui import gui_preset
 
 __all__ = ["Recipe", "PAPER", "LowVramOption", "LOWVRAM", "LOWVRAM_LEFT_OUT", "RecipeResult", "write_recipe",
            "training_config", "dataset_config", "check_model"]
@@ -87,6 +89,8 @@ LOWVRAM_LEFT_OUT: dict[str, str] = {
 class RecipeResult:
     training_config: str
     dataset_config: str
+    gui_preset: str
+    """``NAME_kohya_gui.json``: the same run as a kohya_ss GUI LoRA preset."""
     command: str
     name: str
     preset: str
@@ -236,14 +240,14 @@ def _refuse_problems(scan: ImageScan) -> None:
         )
 
 
-def _outputs(out_dir: Path, name: str, force: bool) -> tuple[Path, Path]:
+def _outputs(out_dir: Path, name: str, force: bool) -> tuple[Path, Path, Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise BLoraError(f"-o {out_dir}: is a file; give a folder for the config files")
-    train, data = out_dir / f"{name}.toml", out_dir / f"{name}_dataset.toml"
-    for p in (train, data):
+    train, data, gui = out_dir / f"{name}.toml", out_dir / f"{name}_dataset.toml", out_dir / f"{name}_kohya_gui.json"
+    for p in (train, data, gui):
         if p.exists() and not force:
             raise BLoraError(f"{p}: already exists; pass --force to replace it, or choose another --name; nothing was written")
-    return train, data
+    return train, data, gui
 
 
 def _notes(scan: ImageScan) -> list[str]:
@@ -319,7 +323,7 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise BLoraError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (it becomes file names)")
     model_path, model_note = check_model(model)
-    train_path, data_path = _outputs(out, name, force)
+    train_path, data_path, gui_path = _outputs(out, name, force)
     # a plain folder: one epoch covers the run (no per-epoch overhead); kohya folders keep their repeats
     num_repeats = None if scan.kohya_layout else max(1, math.ceil(steps / len(scan.usable)))
     epoch_steps = sum(s.images * (s.num_repeats or num_repeats) for s in scan.subsets)
@@ -333,14 +337,26 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
                                               "--config_file override these values", comments))
     _write_text(data_path, _toml_text(data, f"B-LoRA dataset config for --dataset_config: {len(scan.usable)} image(s) "
                                             f"in {scan.folder}", {}))
+    gui = gui_preset(model=model_path, dataset_config=str(data_path), out_dir=str(out), name=name,
+                     preset_arg=_preset_arg(preset), rank=rank, steps=steps, learning_rate=PAPER.learning_rate,
+                     optimizer=PAPER.optimizer_type, optimizer_args=PAPER.optimizer_args, lr_scheduler=PAPER.lr_scheduler,
+                     resolution=PAPER.resolution, precision=PAPER.precision, lowvram=lowvram)
+    _write_text(gui_path, json.dumps(gui, indent=2, ensure_ascii=False) + "\n")
     command = f"accelerate launch {SDXL_SCRIPT} --config_file {_quote(train_path)} --dataset_config {_quote(data_path)}"
     return RecipeResult(
-        training_config=str(train_path), dataset_config=str(data_path), command=command, name=name,
-        preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats, epoch_steps=epoch_steps,
-        lowvram=list(LOWVRAM) if lowvram else [],
+        training_config=str(train_path), dataset_config=str(data_path), gui_preset=str(gui_path), command=command,
+        name=name, preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats,
+        epoch_steps=epoch_steps, lowvram=list(LOWVRAM) if lowvram else [],
         lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=scan,
-        notes=_notes(scan) + ([model_note] if model_note else []),
+        notes=_notes(scan) + ([model_note] if model_note else []) + _gui_notes(_preset_arg(preset)),
     )
+
+
+def _gui_notes(preset_arg: str) -> list[str]:
+    if any(c.isspace() for c in preset_arg):
+        return [f"preset {preset_arg}: the kohya_ss GUI splits Additional parameters on spaces, so this path cannot "
+                "reach sd-scripts from the GUI; move the preset to a path without spaces"]
+    return []
 
 
 def _left_out(resolved, rank: int) -> dict[str, str]:
