@@ -116,6 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}{_closest_options(args._parser, unknown)}")
     prefix = f"{PROG} {command.name}: error:"
     as_json = bool(getattr(args, "json", False))
+    data: Any = None
     try:
         try:
             with _stdout_to_stderr() if as_json else contextlib.nullcontext():
@@ -136,11 +137,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_to_json(data) if as_json else "\n".join(lines))
         sys.stdout.flush()
         return int(getattr(data, "exit_status", 0))  # check: 1 when the run it read would fail
-    except BrokenPipeError:  # `blora-network ... | head`: the reader has all it wanted
+    except BrokenPipeError:  # `blora-network ... | head`: the reader has all it wanted; the verdict stands
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 0
+        return int(getattr(data, "exit_status", 0))
 
 
 def _one_line(e: BaseException) -> str:

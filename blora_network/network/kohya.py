@@ -47,7 +47,16 @@ from blora_network.sdxl.names import kohya_module_name, text_encoder_index
 from .guards import guard_lokr
 from .merge import WeightBackup, merge_module
 from .modelcheck import check_preset_matches, unwrap_unet
-from .options import LORAPLUS_KEYS, NetworkOptions, block_algo_map, choose_bypass, lycoris_kwargs, parse_network_args
+from .options import (
+    LORAPLUS_KEYS,
+    NetworkOptions,
+    block_algo_map,
+    choose_bypass,
+    gui_network_args,
+    lycoris_kwargs,
+    parse_network_args,
+    refuse_repeated_keys,
+)
 from .presets import Preset, load_preset, preset_for_blocks
 from .regions import InferenceHooks, RegionState
 
@@ -238,6 +247,7 @@ class BLoRANetwork(LycorisNetworkKohya):
 
         It runs before ``accelerator.prepare`` wraps anything, so a refusal costs no model load.
         """
+        refuse_repeated_keys(getattr(args, "network_args", None))
         if getattr(args, "deepspeed", False) and int(getattr(args, "zero_stage", 2) or 0) >= 3:
             raise NetworkArgsError(
                 "--deepspeed --zero_stage 3 cannot train LyCORIS adapters: they replace each adapted layer's "
@@ -530,6 +540,7 @@ def _warn_alpha(options: NetworkOptions, network_alpha: Any) -> None:
 def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -> tuple[Preset, NetworkOptions]:
     """The preset and typed options ``create_network`` would use, or the error it would raise
     before touching the model (``blora-network check`` runs this too)."""
+    kwargs = gui_network_args(kwargs)
     raw_preset = kwargs.get("preset")
     if neuron_dropout is not None and kwargs.get("dropout") is None:
         kwargs["dropout"] = neuron_dropout
