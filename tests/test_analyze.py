@@ -528,7 +528,7 @@ def test_cli_table_top_and_suggestion(capsys, whole):
     assert lines[1].split()[5:] == ["self-attn", "cross-attn", "ff", "proj", "other"]
     style = next(x for x in lines if x.strip().startswith("output_blocks.1.1"))
     row = next(r for r in rep.blocks if r.block == "output_blocks.1.1")
-    assert style.split()[1:5] == ["style", "OUT1", str(row.modules), f"{row.norm:.4f}"]
+    assert style.split()[1:5] == ["style", "OUT01", str(row.modules), f"{row.norm:.4f}"]
     assert style.split()[5] == f"{100 * row.share:.1f}%"
     assert len([x for x in lines if re.match(r"  (input|output)_blocks|  middle_block|  time_embed|  label_emb", x)]) \
         == len(rep.blocks)

@@ -147,6 +147,12 @@ def image_folder(tmp: Path, images: list[str], text_as: str = "") -> Path:
     return folder
 
 
+def tools_scale(*args, **kwargs):
+    from blora_network.tools.transforms import scale
+
+    return scale(*args, **kwargs)
+
+
 def cli(*argv) -> int:
     return cli_main([str(a) for a in argv])
 
@@ -289,6 +295,36 @@ CASES = [
          PresetError, ("{tmp}/mine.toml:1", "'[' on line 1", "is never closed", "add the matching ']'")),
     Case("toml-unclosed-table-header", lambda tmp, f: make(preset=preset_file(tmp, "[blora\ncontent_dim = 4\n")),
          PresetError, ("{tmp}/mine.toml:1", "('[blora')", "is never closed")),
+    # any SDXL block by name (issue 20): training and the block tools
+    Case("blocks-unknown", lambda tmp, f: make(blocks="OUT00,OUT9"), NetworkArgsError,
+         ("blocks=OUT00,OUT9", "unknown SDXL block 'OUT9'", "did you mean OUT08?")),
+    Case("blocks-no-attention", lambda tmp, f: make(blocks="IN01"), NetworkArgsError,
+         ("block IN01 (input_blocks.1) holds no attention layers", "blocks that do: IN04")),
+    Case("blocks-twice", lambda tmp, f: make(blocks="OUT01,style"), NetworkArgsError, ("block OUT01 is named twice",)),
+    Case("block-dim-not-a-number", lambda tmp, f: make(blocks="OUT03", OUT03_dim="big"), NetworkArgsError,
+         ("OUT03_dim='big'", "not an integer")),
+    Case("scale-unknown-block", lambda tmp, f: tools_scale(f, {"OUT9": 1.0}, tmp / "x.safetensors"), LoraFileError,
+         ("unknown SDXL block 'OUT9'", "did you mean OUT08?")),
+    Case("cli-scale-lbw-wrong-length", lambda tmp, f: cli("scale", f, "--lbw", "1,0,1", "-o", tmp / "x.safetensors"), 1,
+         ("--lbw has 3 values", "12 (BASE,IN04", "or 20")),
+    Case("cli-scale-lbw-not-a-number",
+         lambda tmp, f: cli("scale", f, "--lbw", "1,0,0,0,0,0,1,R,0,0,0,0", "-o", tmp / "x.safetensors"), 1,
+         ("--lbw value 8 ('R') is not a number",)),
+    Case("cli-scale-inspire-too-short", lambda tmp, f: cli("scale", f, "--inspire", "1,0,1", "-o", tmp / "x.safetensors"), 1,
+         ("--inspire has 3 values", "at least 12")),
+    Case("cli-scale-same-block-twice",
+         lambda tmp, f: cli("scale", f, "--style", "0.5", "--block", "OUT1=2", "-o", tmp / "x.safetensors"), 1,
+         ("block OUT01 is given twice (style and OUT1)",)),
+    Case("cli-scale-block-not-in-file", lambda tmp, f: cli("scale", f, "--block", "M00=0.5", "-o", tmp / "x.safetensors"), 1,
+         ("blora.safetensors: has no layers of block M00 (middle_block)", "it holds: content (80 modules)")),
+    Case("cli-extract-block-not-in-file", lambda tmp, f: cli("extract", f, "--blocks", "OUT03", "-o", tmp / "x.safetensors"),
+         1, ("has no attention layers of block OUT03 (output_blocks.3)",)),
+    Case("cli-extract-block-without-attention",
+         lambda tmp, f: cli("extract", f, "--blocks", "OUT07", "-o", tmp / "x.safetensors"), 1,
+         ("block OUT07 (output_blocks.7) holds no attention layers", "or use --layers all")),
+    Case("cli-combine-same-block-twice",
+         lambda tmp, f: cli("combine", "--style", f, "--block", f"OUT01={f}", "-o", tmp / "x.safetensors"), 1,
+         ("block OUT01 is named twice",)),
     # the demo
     Case("cli-demo-device-gpu", lambda tmp, f: cli("demo", "--device", "gpu", "-o", tmp / "x.safetensors"), 1,
          ("--device gpu: not a device name", "the devices here are: cpu")),

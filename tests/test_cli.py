@@ -232,7 +232,7 @@ def test_wrong_lora_kinds_get_one_clear_line(capsys, tmp_path, blora):
 def test_command_line_mistakes_exit_2(capsys, blora, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["extract", str(blora), "--blocks", "contnet", "-o", str(tmp_path / "x.safetensors")])
-    assert e.value.code == 2 and "unknown B-LoRA block 'contnet'" in capsys.readouterr().err
+    assert e.value.code == 2 and "unknown SDXL block 'contnet'; did you mean content?" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         main(["scale", str(blora), "--style", "lots", "-o", str(tmp_path / "x.safetensors")])
     assert e.value.code == 2 and "not a number: 'lots'" in capsys.readouterr().err

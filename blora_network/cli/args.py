@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import math
 
-from blora_network.sdxl.blocks import parse_roles
+from blora_network.sdxl.blocks import SDXL_BLOCKS, lookup_sdxl_block, parse_roles
 
-__all__ = ["roles", "weight", "positive_int", "Once", "add_output_args"]
+__all__ = ["roles", "block_names", "block_weight", "block_file", "weight", "positive_int", "Once", "add_output_args"]
 
 
 def roles(value: str) -> list[str]:
@@ -17,6 +17,42 @@ def roles(value: str) -> list[str]:
         return parse_roles(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def block_names(value: str) -> list[str]:
+    """``IN08,OUT00,OUT03`` (any SDXL block by any name: roles, LBW, LDM, diffusers) -> the names, each known."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no block named; use names such as content,style or "
+                                         f"{','.join(b.name for b in SDXL_BLOCKS[-3:])}")
+    for name in names:
+        try:
+            lookup_sdxl_block(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
+
+
+def _pair(value: str, what: str) -> tuple[str, str]:
+    name, eq, rest = value.partition("=")
+    if not eq or not name.strip() or not rest.strip():
+        raise argparse.ArgumentTypeError(f"{value!r}: write NAME={what}, e.g. OUT01={'0.5' if what == 'W' else 'style.safetensors'}")
+    try:
+        lookup_sdxl_block(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name.strip(), rest.strip()
+
+
+def block_weight(value: str) -> tuple[str, float]:
+    """``OUT01=0.5`` -> ``("OUT01", 0.5)``: a known block and a finite number."""
+    name, w = _pair(value, "W")
+    return name, weight(w)
+
+
+def block_file(value: str) -> tuple[str, str]:
+    """``OUT03=other.safetensors`` -> ``("OUT03", "other.safetensors")``."""
+    return _pair(value, "FILE")
 
 
 def weight(value: str) -> float:

@@ -9,15 +9,32 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from blora_network.errors import BLoraError
-from blora_network.sdxl.blocks import BLOCKS, ROLES
+from blora_network.sdxl.blocks import BLOCKS, LAYER_CHOICES, ROLES, SDXL_BLOCKS, lookup_sdxl_block
 from blora_network.sdxl.names import WRITE_SPELLINGS
 
-from .args import Once, add_output_args, positive_int, roles, weight
+from .args import Once, add_output_args, block_file, block_names, block_weight, positive_int, weight
 from .subcommand import Output, Subcommand, human_size, printable, progress_bar
 
 __all__ = ["FILE_COMMANDS", "format_norm"]
 
 _ROLE_HELP = ", ".join(f"{b.role} ({b.ldm}, {b.lbw})" for b in BLOCKS)
+_BLOCK_HELP = (f"{_ROLE_HELP}, or any SDXL block by its LoRA Block Weight name ({SDXL_BLOCKS[1].name}-IN08, M00 or MID, "
+               "OUT00-OUT08, BASE: the text encoders), LDM or diffusers name")
+_LAYERS_HELP = ("which layers of each block: attention (attn1/attn2 to_q, to_k, to_v, to_out.0: what B-LoRA "
+                "trains), transformer (with ff and proj_in/proj_out) or all (every layer of the block, resnets too)")
+
+
+def _add_layers(p, default: str) -> None:
+    p.add_argument("--layers", choices=LAYER_CHOICES, default=default, help=f"{_LAYERS_HELP}; default {default}")
+
+
+def _no_dups(pairs, option: str) -> None:
+    seen: dict[str, str] = {}
+    for name, _ in pairs:
+        block = lookup_sdxl_block(name).name
+        if block in seen:
+            raise BLoraError(f"{option}: block {block} is given twice ({seen[block]} and {name}); give it once")
+        seen[block] = name
 
 
 # -- inspect ----------------------------------------------------------------------------------
@@ -42,6 +59,10 @@ def _run_inspect(args) -> Output:
         alphas = "/".join(f"{a:g}" for a in b.alphas) or "-"
         norm = format_norm(b.norm) if b.norm is not None else "-"
         lines.append(f"  {b.role:<8} {where:<22} {b.modules:>6} {ranks:>9} {alphas:>9} {','.join(b.algos):<10} {norm:>10}")
+    other = rep.blocks.get("other")
+    if other is not None:
+        lines.append("  other: " + ", ".join(f"{b}{' ' + other.block_names[b] if b in other.block_names else ''} ({n})"
+                                            for b, n in other.blocks.items()))
     if rep.training:
         lines.append(printable("training: " + "; ".join(f"{k} {v}" for k, v in rep.training.items() if k != "network args")))
     lines += [printable(f"warning: {w}") for w in rep.warnings]
@@ -92,7 +113,7 @@ def _run_analyze(args) -> Output:
     lines.append(f"  {'block':<18} {'role':<12} {'layers':>6} {'||dW||_F':>10} {'share':>7}{head}")
     rows = rep.blocks if args.top is None else sorted(rep.blocks, key=lambda r: -r.share)[: args.top]
     for r in rows:
-        role = f"{r.role} {r.lbw}" if r.role else "-"
+        role = f"{r.role} {r.lbw}" if r.role else (r.lbw or "-")
         cells = "".join(f" {_share(r.kinds[k] ** 2 / total_sq) if k in r.kinds else '-':>10}" for k in kinds)
         lines.append(f"  {r.block:<18} {role:<12} {r.modules:>6} {format_norm(r.norm):>10} {_share(r.share):>7}{cells}")
     shown = {r.block for r in rows}
@@ -137,7 +158,8 @@ def _written(f) -> Output:
 
 def _add_split(p) -> None:
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--blocks", type=roles, help=f"only these blocks, comma-separated: {_ROLE_HELP}")
+    p.add_argument("--blocks", type=block_names, help=f"only these blocks, comma-separated: {_BLOCK_HELP}")
+    _add_layers(p, "attention")
     p.add_argument("--out-dir", metavar="DIR", help="folder for the files (default: FILE's folder)")
     p.add_argument("--force", action="store_true", help="replace existing files")
 
@@ -145,10 +167,11 @@ def _add_split(p) -> None:
 def _run_split(args) -> Output:
     from blora_network.tools.transforms import split
 
-    result = split(args.file, out_dir=args.out_dir, roles=args.blocks, force=args.force, progress=progress_bar(args))
+    result = split(args.file, out_dir=args.out_dir, roles=args.blocks, layers=args.layers, force=args.force,
+                   progress=progress_bar(args))
     lines = [_describe_written(f) for f in result.files]
     if result.skipped_modules:
-        lines.append(f"note: {result.skipped_modules} layers outside the B-LoRA blocks were not written")
+        lines.append(f"note: {result.skipped_modules} layers outside the chosen blocks' {args.layers} layers were not written")
     return result, lines
 
 
@@ -157,6 +180,11 @@ def _add_combine(p) -> None:
         p.add_argument(f"--{role}", metavar="FILE", action=Once, help=f"take the {role} block from FILE")
         p.add_argument(f"--{role}-weight", type=weight, metavar="W", action=Once,
                        help=f"weight of the {role} block (default 1)")
+    p.add_argument("--block", type=block_file, action="append", default=[], metavar="NAME=FILE",
+                   help=f"take block NAME from FILE (repeat for more blocks): {_BLOCK_HELP}")
+    p.add_argument("--weight", type=block_weight, action="append", default=[], metavar="NAME=W",
+                   help="weight of a block given with --block (default 1)")
+    _add_layers(p, "transformer")
     add_output_args(p)
 
 
@@ -172,15 +200,31 @@ def _run_combine(args) -> Output:
                 raise BLoraError(f"--{role}-weight given without --{role} FILE")
             continue
         sources.append(BlockSource(role, path, 1.0 if w is None else w))
+    _no_dups(args.block, "combine --block")
+    _no_dups(args.weight, "combine --weight")
+    weights = {lookup_sdxl_block(n).name: w for n, w in args.weight}
+    named = {lookup_sdxl_block(n).name for n, _ in args.block}
+    stray = [n for n in weights if n not in named]
+    if stray:
+        raise BLoraError(f"combine --weight {stray[0]}=...: no --block {stray[0]}=FILE to weigh")
+    sources += [BlockSource(n, f, weights.get(lookup_sdxl_block(n).name, 1.0)) for n, f in args.block]
     if not sources:
-        raise BLoraError("nothing to combine: give --content FILE, --style FILE and/or --layout FILE")
-    return _written(combine(sources, args.output, force=args.force, progress=progress_bar(args)))
+        raise BLoraError("nothing to combine: give --content FILE, --style FILE, --layout FILE and/or --block NAME=FILE")
+    return _written(combine(sources, args.output, layers=args.layers, force=args.force, progress=progress_bar(args)))
 
 
 def _add_scale(p) -> None:
     p.add_argument("file", metavar="FILE")
     for role in ROLES:
         p.add_argument(f"--{role}", type=weight, metavar="W", action=Once, help=f"weight of the {role} block")
+    p.add_argument("--block", type=block_weight, action="append", default=[], metavar="NAME=W",
+                   help=f"weight of any block, every layer of it (repeat for more): {_BLOCK_HELP}")
+    p.add_argument("--lbw", metavar="VECTOR", action=Once,
+                   help="bake an A1111/Forge LoRA Block Weight SDXL vector (12 values: BASE,IN04,IN05,IN07,IN08,M00,"
+                        "OUT00-OUT05; or 20: BASE,IN00-IN08,M00,OUT00-OUT08) as that extension applies it")
+    p.add_argument("--inspire", metavar="VECTOR", action=Once,
+                   help="bake a ComfyUI Inspire Pack block_vector (BASE, then one value per UNet block the file "
+                        "holds; 12 values or more) as LoraLoaderBlockWeight applies it")
     add_output_args(p)
 
 
@@ -188,21 +232,26 @@ def _run_scale(args) -> Output:
     from blora_network.tools.transforms import scale
 
     weights = {r: getattr(args, r) for r in ROLES if getattr(args, r) is not None}
-    if not weights:
-        raise BLoraError("no weight given: pass --content W, --style W and/or --layout W")
-    return _written(scale(args.file, weights, args.output, force=args.force, progress=progress_bar(args)))
+    _no_dups([*weights.items(), *args.block], "scale")
+    weights.update(dict(args.block))
+    if not weights and not (args.lbw or args.inspire):
+        raise BLoraError("no weight given: pass --content W, --style W, --layout W, --block NAME=W, --lbw or --inspire")
+    return _written(scale(args.file, weights, args.output, lbw=args.lbw, inspire=args.inspire, force=args.force,
+                          progress=progress_bar(args)))
 
 
 def _add_extract(p) -> None:
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--blocks", type=roles, required=True, help=f"comma-separated: {_ROLE_HELP}")
+    p.add_argument("--blocks", type=block_names, required=True, help=f"comma-separated: {_BLOCK_HELP}")
+    _add_layers(p, "attention")
     add_output_args(p)
 
 
 def _run_extract(args) -> Output:
     from blora_network.tools.transforms import extract
 
-    return _written(extract(args.file, args.blocks, args.output, force=args.force, progress=progress_bar(args)))
+    return _written(extract(args.file, args.blocks, args.output, layers=args.layers, force=args.force,
+                            progress=progress_bar(args)))
 
 
 def _add_convert(p) -> None:

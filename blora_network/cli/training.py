@@ -13,7 +13,7 @@ from typing import Sequence
 from blora_network.errors import BLoraError
 from blora_network.sdscripts.check import check_arguments
 from blora_network.sdscripts.recipe import PAPER, write_recipe
-from blora_network.sdxl.blocks import lookup_block
+from blora_network.sdxl.blocks import lookup_block, sdxl_block_of
 from blora_network.tools import demo
 
 from .args import positive_int
@@ -69,7 +69,8 @@ def _run_plan(args) -> Output:
     lines = [f"preset {result.preset} ({result.source}) at rank {result.dim} on sd-scripts' full-size SDXL UNet",
              f"  {'block':<20} {'role':<8} {'rank':>5} {'layers':>6} {'parameters':>13}"]
     for b in result.blocks:
-        lines.append(f"  {b.block:<20} {b.role or '-':<8} {b.rank:>5} {b.modules:>6} {b.params:>13,}")
+        lbw = getattr(sdxl_block_of(b.block), "name", None)
+        lines.append(f"  {b.block:<20} {b.role or lbw or '-':<8} {b.rank:>5} {b.modules:>6} {b.params:>13,}")
         lines += [f"      {layer}" for layer in b.layers] if args.list else [f"      {_layer_kinds(b.layers)}"]
     lines.append(f"  {'total':<20} {'':<8} {'':>5} {result.modules:>6} {result.params:>13,}")
     fb, ob = result.file_bytes, result.optimizer_bytes

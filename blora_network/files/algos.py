@@ -185,7 +185,7 @@ class LayerRecord:
     """What a file's description needs to know of one layer as stored: its block, rank and alpha."""
 
     role: Optional[str]
-    """``content``, ``style``, ``layout`` or None."""
+    """The label of its attention block (``content``, ``style``, ``layout``, ``OUT03``...) or None."""
     rank: Optional[int]
     alpha: Optional[float]
     """The effective alpha (:func:`effective_alpha`)."""

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 import torch
 
 from blora_network.errors import LoraFileError
-from blora_network.sdxl.blocks import BLOCKS, lookup_block, role_of_kohya_name
+from blora_network.sdxl.blocks import BLOCKS, SdxlBlock, label_of_kohya_name, lookup_block, role_of_kohya_name, sdxl_block_of
 from blora_network.sdxl.names import (
     CONTEXT_WIDTH_MODEL,
     SD_BLOCK_WIDTHS,
@@ -40,7 +40,7 @@ from blora_network.sdxl.names import (
 
 from .algos import algo_of, all_finite
 from .measure import Progress, progress_bar, torch_threads
-from .metadata import KEY_DEMO
+from .metadata import KEY_DEMO, blocks_of_metadata
 from .safefile import open_safetensors, read_header_layout
 
 DEMO_TEXT = ("made by blora-network demo for its tiny SDXL-shaped UNet (64 channels at the widest, 32-wide text): "
@@ -85,6 +85,17 @@ class LoraLayer:
     def is_attention(self) -> bool:
         """An attention projection (what the B-LoRA presets train), not ff/proj_in/proj_out."""
         return self.ldm_path is not None and is_attention_layer(self.ldm_path)
+
+    @property
+    def sdxl_block(self) -> Optional[SdxlBlock]:
+        """Its block in LoRA Block Weight's notation (``input_blocks.4.0`` and ``.1`` -> IN04; text
+        encoders -> BASE); None for the time and label embeddings and ``out``."""
+        return sdxl_block_of(self.block)
+
+    @property
+    def label(self) -> Optional[str]:
+        """The label of its attention block (``content``, ``OUT03``...), None outside the eleven."""
+        return label_of_kohya_name(self.name)
 
     @property
     def is_text_encoder(self) -> bool:
@@ -135,6 +146,35 @@ class LoraFile:
 
     def role_layers(self, role: str, *, attention_only: bool = False) -> list[LoraLayer]:
         return [m for m in self.layers.values() if m.role == role and (m.is_attention or not attention_only)]
+
+    def trained_blocks(self) -> dict[str, list[LoraLayer]]:
+        """The blocks beyond B-LoRA's that the metadata says were trained (``blocks=OUT03`` writes
+        ``blora_blocks``), by label, with their layers; a block it names but does not hold is left out."""
+        out = {}
+        for label, attention in blocks_of_metadata(self.metadata).items():
+            layers = [m for m in self.layers.values() if m.block == attention and m.role is None]
+            if layers:
+                out[label] = layers
+        return out
+
+    def block_layers(self, block: SdxlBlock, layers: str = "all") -> list[LoraLayer]:
+        """The layers of an SDXL block: ``all`` of it (resnets, samplers, the transformer), its
+        ``transformer`` (attention, ff, proj) or its ``attention`` projections only."""
+        if layers == "all":
+            return [m for m in self.layers.values() if m.sdxl_block == block]
+        inside = [m for m in self.layers.values() if block.attention and m.block == block.attention]
+        return [m for m in inside if m.is_attention] if layers == "attention" else inside
+
+    def require_block(self, block: SdxlBlock, layers: str = "all", what: str = "") -> list[LoraLayer]:
+        """:meth:`block_layers`, refusing a block the file does not hold (or holds no attention of)."""
+        found = self.block_layers(block, layers)
+        if not found:
+            part = {"all": "", "transformer": " transformer", "attention": " attention"}[layers]
+            held = self.block_layers(block, "all")
+            more = f" (it has {len(held)} other layers there)" if held else ""
+            raise LoraFileError(f"{self.path}: has no{part} layers of block {block.name} ({block.ldm}){more}{what}; "
+                                f"it holds: {self.describe_blocks()}")
+        return found
 
     def other_blocks(self) -> dict[str, int]:
         """Blocks outside the B-LoRA blocks -> layer count (``{"input_blocks.4.1": 40}``), in model order."""

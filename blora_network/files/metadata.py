@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from blora_network.sdxl.blocks import BLOCKS, ROLES
+from blora_network.sdxl.blocks import ATTENTION_BLOCKS, LABELS, SDXL_BLOCKS
 
 from .algos import LayerRecord, network_dim_alpha
 
@@ -48,11 +48,13 @@ __all__ = [
     "source_entry",
     "cumulative_weights",
     "read_json_key",
+    "label_order",
+    "blocks_of_metadata",
 ]
 
 KEY_VERSION = "blora_version"
 KEY_PRESET = "blora_preset"
-KEY_BLOCKS = "blora_blocks"        # {"content": "output_blocks.0.1", "style": "output_blocks.1.1"}
+KEY_BLOCKS = "blora_blocks"        # {"content": "output_blocks.0.1", "style": "output_blocks.1.1", "OUT03": "output_blocks.3.1"}
 KEY_DIMS = "blora_block_dims"      # {"content": 64, "style": 64}
 KEY_ALPHAS = "blora_block_alphas"  # {"content": 64.0, "style": 64.0}: the alpha stored (one per file)
 KEY_LRS = "blora_block_lrs"        # {"content": 1e-4, ...} when per-block lrs were used
@@ -66,8 +68,18 @@ STALE_KEYS = HASH_KEYS + ("modelspec.hash_sha256",)
 """Keys a new file must not inherit from its source: they describe the source's tensors."""
 
 
+_ATTENTION_OF = {b.label: b.attention for b in ATTENTION_BLOCKS}
+_ORDER = {label: i for i, label in enumerate(dict.fromkeys([*LABELS, *(b.name for b in SDXL_BLOCKS)]))}
+
+
+def label_order(labels: Iterable[str]) -> list[str]:
+    """Block labels (``content``, ``OUT03``, ``IN01``...) each once, in :data:`blora_network.sdxl.blocks.LABELS`
+    order (B-LoRA's roles first), then the other blocks in model order; unknown ones last."""
+    return sorted(dict.fromkeys(labels), key=lambda x: (_ORDER.get(x, len(_ORDER)), x))
+
+
 def _per_role(records: Sequence[LayerRecord]) -> tuple[list[str], dict[str, int], dict[str, float]]:
-    roles = [r for r in ROLES if any(x.role == r for x in records)]
+    roles = label_order(x.role for x in records if x.role in _ATTENTION_OF)
     dims, alphas = {}, {}
     for role in roles:
         dim, alpha = network_dim_alpha(x for x in records if x.role == role)
@@ -89,10 +101,9 @@ def blora_metadata(
     """The ``blora_*`` keys for a file holding the blocks ``roles``."""
     from blora_network import __version__
 
-    by_role = {b.role: b.ldm for b in BLOCKS}
     meta = {
         KEY_VERSION: __version__,
-        KEY_BLOCKS: json.dumps({r: by_role[r] for r in roles if r in by_role}),
+        KEY_BLOCKS: json.dumps({r: _ATTENTION_OF[r] for r in roles if r in _ATTENTION_OF}),
     }
     if preset is not None:
         meta[KEY_PRESET] = preset
@@ -144,7 +155,7 @@ def tool_metadata(base: Mapping[str, str], records: Sequence[LayerRecord], sourc
         meta.update(blora_metadata(roles, preset=base.get(KEY_PRESET), dims=dims, alphas=alphas))
     meta[KEY_SOURCES] = json.dumps(sources)
     if weights and (KEY_WEIGHTS in base or any(w != 1.0 for w in weights.values())):
-        meta[KEY_WEIGHTS] = json.dumps({r: float(weights[r]) for r in ROLES if r in weights})
+        meta[KEY_WEIGHTS] = json.dumps({r: float(weights[r]) for r in label_order(weights)})
     else:
         meta.pop(KEY_WEIGHTS, None)
     return meta
@@ -187,3 +198,11 @@ def read_json_key(metadata: Mapping[str, str], key: str, default: Any = None) ->
         return json.loads(raw)
     except (TypeError, ValueError):
         return default
+
+
+def blocks_of_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """``blora_blocks`` as written (label -> LDM attention block), or {} when absent or not ours."""
+    raw = read_json_key(metadata, KEY_BLOCKS, {})
+    if not isinstance(raw, dict):
+        return {}
+    return {str(k): str(v) for k, v in raw.items() if _ATTENTION_OF.get(str(k)) == v}

@@ -41,7 +41,7 @@ from blora_network.files.algos import (
 )
 from blora_network.files.metadata import training_metadata
 from blora_network.files.safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
-from blora_network.sdxl.blocks import ROLES, role_of_kohya_name
+from blora_network.sdxl.blocks import LABELS, label_of_kohya_name
 from blora_network.sdxl.names import kohya_module_name, text_encoder_index
 
 from .guards import guard_lokr
@@ -57,7 +57,7 @@ from .options import (
     parse_network_args,
     refuse_repeated_keys,
 )
-from .presets import Preset, load_preset
+from .presets import Preset, load_preset, preset_for_blocks
 from .regions import InferenceHooks, RegionState
 
 __all__ = ["BLoRANetwork", "create_network", "create_network_from_weights", "network_options", "TEXT_ENCODER_ATTENTION_CLASSES"]
@@ -124,10 +124,11 @@ def _lycoris_preset_for(preset: Preset, options: NetworkOptions) -> dict:
 
 
 def _role_of_lora(lora_name: str) -> str:
-    """``te`` for text-encoder modules, a B-LoRA role, or ``other``."""
+    """``te`` for text-encoder modules, the label of its attention block (a B-LoRA role, or
+    ``OUT03``...: :func:`blora_network.sdxl.blocks.label_of_kohya_name`), or ``other``."""
     if lora_name.startswith("lora_te"):
         return "te"
-    return role_of_kohya_name(lora_name) or "other"
+    return label_of_kohya_name(lora_name) or "other"
 
 
 def _record(lora, tensors=None) -> LayerRecord:
@@ -338,7 +339,7 @@ class BLoRANetwork(LycorisNetworkKohya):
         for index in sorted({text_encoder_index(m.lora_name) for m in te_loras}):
             lr = te_lrs[min(index - 1, len(te_lrs) - 1)]
             add([m for m in te_loras if text_encoder_index(m.lora_name) == index], lr, f"textencoder {index}", te_ratio)
-        for role in [*ROLES, "other"]:
+        for role in [*LABELS, "other"]:
             add(by_role.get(role, []), self.options.block_lrs.get(role, base_unet_lr), f"unet {role}", unet_ratio)
         return groups, descriptions
 
@@ -541,10 +542,20 @@ def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -
     before touching the model (``blora-network check`` runs this too)."""
     kwargs = gui_network_args(kwargs)
     raw_preset = kwargs.get("preset")
-    preset = load_preset(str(raw_preset) if raw_preset is not None else None)
     if neuron_dropout is not None and kwargs.get("dropout") is None:
         kwargs["dropout"] = neuron_dropout
-    options = parse_network_args(network_dim, network_alpha, kwargs, preset.block_settings)
+    if kwargs.get("blocks") is not None:
+        if raw_preset is not None and str(raw_preset).strip():
+            raise NetworkArgsError(
+                f"network_args has both preset={raw_preset} and blocks={kwargs['blocks']}: they both say what to "
+                "train; keep one (a preset file may set per-block keys such as OUT03_dim in its [blora] table)"
+            )
+        options = parse_network_args(network_dim, network_alpha, kwargs)
+        preset = preset_for_blocks(options.blocks)
+        _refuse_settings_outside(options)
+    else:
+        preset = load_preset(str(raw_preset) if raw_preset is not None else None)
+        options = parse_network_args(network_dim, network_alpha, kwargs, preset.block_settings)
     options.preset = preset.name
     if not preset.trains_unet and not options.train_text_encoder and not preset.trains_text_encoder:
         raise PresetError(
@@ -552,6 +563,17 @@ def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -
             "(B-LoRA is UNet-only by default): add unet_target_name patterns, or train_text_encoder=true"
         )
     return preset, options
+
+
+def _refuse_settings_outside(options: NetworkOptions) -> None:
+    """``blocks=OUT00 OUT03_dim=8``: a setting for a block that is not trained is a mistake, not a no-op."""
+    for what, settings in (("dim", options.block_dims), ("alpha", options.block_alphas), ("lr", options.block_lrs)):
+        for label in settings:
+            if label not in options.blocks:
+                raise NetworkArgsError(
+                    f"network_args {label}_{what}: {label} is not among blocks={','.join(options.blocks)}; "
+                    "add it to blocks= or remove the setting"
+                )
 
 
 def create_network(
@@ -640,7 +662,8 @@ def create_network_from_weights(
         if rank:
             ranks.append(int(rank))
     options = parse_network_args(max(ranks) if ranks else 1, None, {k: v for k, v in kwargs.items() if k != "preset"})
-    preset = replace(load_preset(kwargs.get("preset")), name=Path(str(file)).stem, source=str(file))
+    chosen = preset_for_blocks(options.blocks) if options.blocks else load_preset(kwargs.get("preset"))
+    preset = replace(chosen, name=Path(str(file)).stem, source=str(file))
     network = BLoRANetwork.from_modules(unet, modules, preset=preset, options=options, multiplier=float(multiplier))
     network.for_inference = bool(for_inference)
     return network, weights

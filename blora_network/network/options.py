@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from blora_network.errors import NetworkArgsError
-from blora_network.sdxl.blocks import BLOCKS, ROLES
+from blora_network.sdxl.blocks import ATTENTION_BLOCKS, lookup_sdxl_block, parse_sdxl_blocks
 
 __all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "refuse_repeated_keys", "LYCORIS_OPTIONS",
-           "LORAPLUS_KEYS", "choose_bypass", "block_algo_map", "lycoris_kwargs", "gui_network_args", "GUI_REFUSED",
-           "LYCORIS_PRESETS"]
+           "LORAPLUS_KEYS", "BLOCK_SETTING_KEYS", "BLOCK_SETTINGS", "block_setting_key", "choose_bypass", "block_algo_map",
+           "lycoris_kwargs", "gui_network_args", "GUI_REFUSED", "LYCORIS_PRESETS"]
 
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
@@ -56,15 +56,25 @@ LYCORIS_OPTIONS: dict[str, type] = {
     "loraplus_text_encoder_lr_ratio": float,
     "train_on_input": bool,  # iA3: scale the layer's input instead of its output (the GUI's "iA3 train on input")
 }
+BLOCK_SETTINGS: dict[str, type] = {"dim": int, "alpha": float, "lr": float}
+"""What a block can have of its own, and its type: ``OUT03_dim=16``, ``style_alpha=8``, ``M00_lr=5e-5``."""
+BLOCK_SETTING_KEYS: dict[str, type] = {
+    f"{name}_{what}": kind
+    for b in ATTENTION_BLOCKS for name in dict.fromkeys(n for n in (b.role, b.name) if n)
+    for what, kind in BLOCK_SETTINGS.items()
+}
+"""The one table of per-block keys (network_args and a preset's ``[blora]`` table): a B-LoRA role or the
+LoRA Block Weight name of any of the eleven attention blocks, then ``_dim``/``_alpha``/``_lr``. Only
+``[A-Za-z0-9_]``, so they pass the kohya_ss GUI's additional-parameters quoting unchanged."""
+_BLOCK_KEY_RE = re.compile(r"^(?P<block>.+)_(?P<what>dim|alpha|lr)$")
 # Our own keys.
 _OWN_KEYS: dict[str, type] = {
     "preset": str,
+    "blocks": str,  # "OUT00,OUT01,OUT03": the attention layers of these blocks, as the presets train them
     "alpha": float,
     "train_text_encoder": bool,
     "bypass_mode": str,  # "auto", or a boolean
-    **{f"{r}_dim": int for r in ROLES},
-    **{f"{r}_alpha": float for r in ROLES},
-    **{f"{r}_lr": float for r in ROLES},
+    **BLOCK_SETTING_KEYS,
 }
 # Keys sd-scripts or older recipes add that mean nothing for B-LoRA; accepted and ignored.
 _IGNORED_KEYS = {"neuron_dropout", "network_dropout", "verbose"}
@@ -118,6 +128,8 @@ class NetworkOptions:
     alpha_given: bool = False
     """True when the user set ``alpha=`` in network_args (otherwise alpha = dim, block by block)."""
     preset: Optional[str] = None
+    blocks: tuple[str, ...] = ()
+    """The blocks ``blocks=`` names, as labels (``content``, ``OUT03``); empty when a preset chooses."""
     train_text_encoder: bool = False
     bypass_mode: Optional[bool] = None
     """None means auto: bypass, except for DoRA (see :func:`choose_bypass`)."""
@@ -135,14 +147,15 @@ class NetworkOptions:
     def dora(self) -> bool:
         return bool(self.lycoris.get("dora_wd", False))
 
-    def dim_for(self, role: str) -> int:
-        return self.block_dims.get(role, self.dim)
+    def dim_for(self, label: str) -> int:
+        """The rank of a block's layers, by label (``content``, ``OUT03``)."""
+        return self.block_dims.get(label, self.dim)
 
-    def alpha_for(self, role: str) -> float:
-        if role in self.block_alphas:
-            return self.block_alphas[role]
-        if role in self.block_dims and not self.alpha_given:
-            return float(self.block_dims[role])
+    def alpha_for(self, label: str) -> float:
+        if label in self.block_alphas:
+            return self.block_alphas[label]
+        if label in self.block_dims and not self.alpha_given:
+            return float(self.block_dims[label])
         return self.alpha
 
 
@@ -180,11 +193,12 @@ def parse_network_args(
             continue
         kind = _OWN_KEYS.get(key) or LYCORIS_OPTIONS.get(key)
         if kind is None:
+            _refuse_block_key(key)
             known = sorted(set(_OWN_KEYS) | set(LYCORIS_OPTIONS))
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise NetworkArgsError(f"unknown network_args key {key!r}.{hint} Known keys: {', '.join(known)}")
-        if key.endswith("_dim") and key[: -len("_dim")] in ROLES:
+        if key in BLOCK_SETTING_KEYS and key.endswith("_dim"):
             parsed[key] = _check_dim(key, value, allow_zero=True)
         else:
             parsed[key] = _parse_value(key, value, kind)
@@ -198,21 +212,67 @@ def parse_network_args(
     options.train_text_encoder = bool(parsed.pop("train_text_encoder", False))
     bypass = parsed.pop("bypass_mode", "auto")
     options.bypass_mode = None if str(bypass).lower() == "auto" else parse_bool("bypass_mode", bypass)
-    for role in ROLES:
-        if f"{role}_dim" in parsed:
-            options.block_dims[role] = int(parsed.pop(f"{role}_dim"))
-        if f"{role}_alpha" in parsed:
-            options.block_alphas[role] = float(parsed.pop(f"{role}_alpha"))
-        if f"{role}_lr" in parsed:
-            lr = float(parsed.pop(f"{role}_lr"))
-            if lr < 0:
-                raise NetworkArgsError(f"network_args {role}_lr={lr:g}: a learning rate cannot be negative")
-            options.block_lrs[role] = lr
+    if "blocks" in parsed:
+        options.blocks = _parse_blocks(parsed.pop("blocks"))
+    _take_block_settings(options, parsed)
     for key in ("dropout", "rank_dropout", "module_dropout"):
         if key in parsed and not 0.0 <= parsed[key] < 1.0:
             raise NetworkArgsError(f"network_args {key}={parsed[key]:g}: must be in [0, 1)")
     options.lycoris = parsed
     return options
+
+
+def block_setting_key(key: str) -> Optional[tuple[str, str]]:
+    """``"OUT01_dim"`` -> ``("style", "dim")``: the block's label and the setting; None for other keys."""
+    if key not in BLOCK_SETTING_KEYS:
+        return None
+    m = _BLOCK_KEY_RE.match(key)
+    return lookup_sdxl_block(m.group("block")).label, m.group("what")
+
+
+def _refuse_block_key(key: str) -> None:
+    """``IN01_dim`` (a block without attention), ``OUT3_lr`` (another spelling of a block): say so.
+    A typo (``contnet_dim``) is left to the unknown-key message and its "did you mean"."""
+    m = _BLOCK_KEY_RE.match(key)
+    if m is None:
+        return
+    try:
+        block = lookup_sdxl_block(m.group("block"))
+    except ValueError:
+        return
+    if block.attention is None and m.group("block").upper() == block.name:
+        raise NetworkArgsError(f"network_args {key}: block {block.name} ({block.ldm}) holds no attention layers; "
+                               f"per-block keys exist for {', '.join(b.name for b in ATTENTION_BLOCKS)} and the roles")
+    if block.attention is not None:
+        raise NetworkArgsError(f"network_args {key}: write the block as {block.name}_{m.group('what')} "
+                               "(or the role name for content, style, layout)")
+
+
+def _parse_blocks(value: str) -> tuple[str, ...]:
+    try:
+        blocks = parse_sdxl_blocks(value, attention=True, where=f"network_args blocks={value}: ")
+    except ValueError as e:
+        raise NetworkArgsError(str(e)) from None
+    return tuple(b.label for b in blocks)
+
+
+def _take_block_settings(options: NetworkOptions, parsed: dict[str, Any]) -> None:
+    """Move ``content_dim``/``OUT03_lr``... out of ``parsed`` into the options, by block label."""
+    seen: dict[tuple[str, str], str] = {}
+    for key in [k for k in parsed if k in BLOCK_SETTING_KEYS]:
+        label, what = block_setting_key(key)
+        value = parsed.pop(key)
+        if (label, what) in seen and seen[(label, what)] != key:
+            raise NetworkArgsError(f"network_args {seen[(label, what)]} and {key} set the same block's {what}; keep one")
+        seen[(label, what)] = key
+        if what == "dim":
+            options.block_dims[label] = int(value)
+        elif what == "alpha":
+            options.block_alphas[label] = float(value)
+        else:
+            if value < 0:
+                raise NetworkArgsError(f"network_args {key}={value:g}: a learning rate cannot be negative")
+            options.block_lrs[label] = float(value)
 
 
 def refuse_repeated_keys(items) -> None:
@@ -270,14 +330,14 @@ def choose_bypass(options: NetworkOptions) -> bool:
 
 
 def block_algo_map(options: NetworkOptions) -> dict[str, dict]:
-    """LyCORIS ``name_algo_map`` entries for the blocks with their own dim or alpha (``content_dim=32``...)."""
+    """LyCORIS ``name_algo_map`` entries for the blocks with their own dim or alpha (``content_dim=32``, ``OUT03_dim=8``...)."""
     out = {}
-    for block in BLOCKS:
-        if block.role in options.block_dims or block.role in options.block_alphas:
-            dim = options.dim_for(block.role)
+    for block in ATTENTION_BLOCKS:
+        if block.label in options.block_dims or block.label in options.block_alphas:
+            dim = options.dim_for(block.label)
             if dim > 0:
-                out["^" + re.escape(block.ldm) + r"\."] = {"algo": options.algo, "dim": dim,
-                                                          "alpha": options.alpha_for(block.role)}
+                out["^" + re.escape(block.attention) + r"\."] = {"algo": options.algo, "dim": dim,
+                                                                 "alpha": options.alpha_for(block.label)}
     return out
 
 
@@ -316,7 +376,8 @@ LYCORIS_PRESETS = ("attn-mlp", "attn-only", "full", "full-lin", "unet-transforme
 """The GUI's "LyCORIS Preset" choices (lora_gui.py LYCORIS_PRESETS_CHOICES): LyCORIS's names, not ours."""
 
 _BLOCKS_INSTEAD = ("B-LoRA trains only its preset's blocks: clear the field and set content_dim=, style_dim=, "
-                   "content_lr=, style_lr= (0 turns a block off) after --network_args in Additional parameters")
+                   "content_lr=, style_lr= (0 turns a block off) after --network_args in Additional parameters; "
+                   "blocks=OUT00,OUT01,OUT03 with OUT03_dim=, OUT03_lr= trains any attention block")
 _BLOCK_LR = ("per-block learning-rate weights over sd-scripts' 23 SDXL blocks", _BLOCKS_INSTEAD)
 _BLOCK_DIM = ("per-block ranks over sd-scripts' 23 SDXL blocks", _BLOCKS_INSTEAD)
 GUI_REFUSED: dict[str, tuple[str, str, str]] = {

@@ -22,11 +22,14 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import toml
 
 from blora_network.errors import PresetError
-from blora_network.sdxl.blocks import BLOCKS, ROLES, attention_layer_names, block_pattern, lookup_block
+from blora_network.sdxl.blocks import (ATTENTION_BLOCKS, BLOCKS, attention_layer_names, block_by_label, block_pattern,
+                                       block_pattern_of, lookup_block, parse_sdxl_blocks)
 from blora_network.tomlfile import read_toml
 
+from .options import BLOCK_SETTING_KEYS
+
 __all__ = ["Preset", "DEFAULT_PRESET", "BUILTIN_ROLES", "BLOCK_SETTING_KEYS", "builtin_names", "builtin_preset_text",
-           "load_preset", "preset_from_dict"]
+           "load_preset", "preset_from_dict", "preset_for_blocks"]
 
 DEFAULT_PRESET = "content_style"
 BUILTIN_ROLES: dict[str, tuple[str, ...]] = {
@@ -50,9 +53,6 @@ _LYCORIS_KEYS: dict[str, type] = {
     "name_algo_map": dict,
     "use_fnmatch": bool,
     "exclude_name": list,
-}
-BLOCK_SETTING_KEYS: dict[str, type] = {
-    f"{role}_{what}": (int if what == "dim" else float) for role in ROLES for what in ("dim", "alpha", "lr")
 }
 _BLORA_KEYS: dict[str, type] = {"description": str, **BLOCK_SETTING_KEYS}
 
@@ -119,6 +119,13 @@ class Preset:
         return _roles_of(self)
 
     @property
+    def blocks(self) -> tuple[str, ...]:
+        """The labels (``IN04``, ``content``, ``OUT03``...) of every attention block this preset trains a layer of."""
+        return tuple(b.label for b in ATTENTION_BLOCKS
+                     if self.select([f"{b.attention}.transformer_blocks.0.{a}.{p}"
+                                     for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")]))
+
+    @property
     def trains_unet(self) -> bool:
         return bool(self.unet_target_name or self.unet_target_module)
 
@@ -172,6 +179,14 @@ def builtin_preset_text(name: str) -> str:
         "text_encoder_target_module = []\n"
         "text_encoder_target_name = []\n"
     )
+
+
+def preset_for_blocks(labels) -> Preset:
+    """The preset ``blocks=OUT00,OUT01,OUT03`` stands for: each block's attention layers, with the
+    regex the built-ins use (:func:`blora_network.sdxl.blocks.block_pattern_of`), ``ff.net`` and ``proj`` left out."""
+    blocks = [block_by_label(label) for label in labels]
+    return Preset(name="blocks=" + ",".join(b.name for b in blocks), source="built-in",
+                  unet_target_name=tuple(block_pattern_of(b.attention) for b in blocks))
 
 
 def _check_type(where: str, key: str, value: Any, want: type) -> Any:
@@ -281,7 +296,8 @@ def _load_builtin(name: str) -> Preset:
 
 
 def load_preset(name_or_path: Optional[str] = None) -> Preset:
-    """A built-in preset by name, or a TOML file by path; the default is ``content_style``.
+    """A built-in preset by name, ``blocks=OUT00,OUT03`` (:func:`preset_for_blocks`), or a TOML file by
+    path; the default is ``content_style``.
 
     >>> load_preset("style").roles
     ('style',)
@@ -291,6 +307,12 @@ def load_preset(name_or_path: Optional[str] = None) -> Preset:
         spec = DEFAULT_PRESET
     if spec in builtin_names():
         return _load_builtin(spec)
+    if spec.startswith("blocks="):  # what network_args blocks= trains, for plan and check
+        try:
+            blocks = parse_sdxl_blocks(spec[len("blocks="):], attention=True, where=f"{spec}: ")
+        except ValueError as e:
+            raise PresetError(str(e)) from None
+        return preset_for_blocks(b.label for b in blocks)
     looks_like_path = spec.endswith(".toml") or "/" in spec or "\\" in spec
     if not looks_like_path:
         close = difflib.get_close_matches(spec, builtin_names(), n=1)

@@ -43,7 +43,7 @@ import torch
 from blora_network.errors import LoraFileError
 from blora_network.files.lorafile import LoraFile, guess_model, open_sdxl_lora
 from blora_network.files.measure import layer_norm_sq
-from blora_network.sdxl.blocks import BLOCKS, block_at
+from blora_network.sdxl.blocks import BLOCKS, block_at, sdxl_block_of
 from blora_network.sdxl.names import ATTENTION_KINDS, LAYER_KINDS, SDXL_TRANSFORMER_BLOCKS, block_order, layer_kind
 
 __all__ = [
@@ -259,7 +259,7 @@ def _shares(unet, energy: dict[str, float]):
         ks = block_e[b]
         blk = block_at(b)
         rows.append(BlockRow(
-            block=b, role=blk.role if blk else None, lbw=blk.lbw if blk else None, modules=block_n[b],
+            block=b, role=blk.role if blk else None, lbw=getattr(sdxl_block_of(b), "name", None), modules=block_n[b],
             norm=math.sqrt(sum(ks.values())), share=_share(sum(ks.values()), total),
             kinds={k: math.sqrt(ks[k]) for k in KINDS if k in ks},
         ))

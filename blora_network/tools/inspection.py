@@ -19,7 +19,7 @@ from blora_network.files.algos import all_finite, alpha_value, effective_alpha
 from blora_network.files.lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
 from blora_network.files.measure import Progress, layer_norm_sq
 from blora_network.files.metadata import KEY_PRESET, KEY_WEIGHTS
-from blora_network.sdxl.blocks import BLOCKS, ROLES
+from blora_network.sdxl.blocks import ROLES, lookup_sdxl_block, sdxl_block_of
 
 from .blockweights import BlockWeights, block_weight_vectors
 
@@ -28,7 +28,8 @@ __all__ = ["BlockReport", "InspectReport", "inspect", "TRAINING_KEYS"]
 
 @dataclass
 class BlockReport:
-    """One block of a file: content, style, layout, or ``other`` (everything else)."""
+    """One block of a file: content, style, layout, a block its metadata says was trained (``OUT03``,
+    ``M00``: ``blocks=`` training), or ``other`` (everything else)."""
 
     role: str
     ldm: Optional[str]
@@ -44,6 +45,9 @@ class BlockReport:
     """Frobenius norm of the block's whole change (all its layers' dW together); None for DoRA/unknown."""
     blocks: dict[str, int] = field(default_factory=dict)
     """For ``other``: the UNet blocks / text encoders it covers and their module counts."""
+    block_names: dict[str, str] = field(default_factory=dict)
+    """For ``other``: the LoRA Block Weight name of each of ``blocks`` (``input_blocks.4.1`` -> ``IN04``;
+    text encoders -> ``BASE``); the time and label embeddings and ``out`` have none."""
 
 
 @dataclass
@@ -114,9 +118,13 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
     ``params x rank`` multiply-adds: nothing at B-LoRA's usual ranks, seconds at rank 600+.
     ``norms=False`` skips that and only scans for NaN/Inf.
     """
-    lora = open_sdxl_lora(path)
+    lora = open_sdxl_lora(path, need_blora=False)
     groups: dict[str, list[LoraLayer]] = {r: lora.role_layers(r) for r in lora.roles()}
-    others = [m for m in lora.layers.values() if m.role is None]
+    groups.update(lora.trained_blocks())
+    if not groups:  # neither a B-LoRA block nor blocks its metadata names: refused as before
+        open_sdxl_lora(path)
+    grouped = {m.name for g in groups.values() for m in g}
+    others = [m for m in lora.layers.values() if m.name not in grouped]
     if others:
         groups["other"] = others
     tallies, nonfinite = _read_groups(lora, groups, norms, progress)
@@ -134,7 +142,8 @@ def inspect(path, *, norms: bool = True, progress: Optional[Progress] = None) ->
         modules=len(lora.layers),
         tensors=sum(len(m.keys) for m in lora.layers.values()) + len(lora.unparsed),
         nonfinite_tensors=nonfinite,
-        block_weights=block_weight_vectors(lora.roles(), [m.block for m in lora.layers.values()]),
+        block_weights=block_weight_vectors(lora.roles(), [m.block for m in lora.layers.values()],
+                                           [g for g in groups if g not in ROLES and g != "other"]),
     )
 
 
@@ -165,11 +174,11 @@ def _read_groups(lora: LoraFile, groups: dict[str, list[LoraLayer]], norms: bool
 
 
 def _block_report(lora: LoraFile, group: str, layers: list[LoraLayer], tally: _Tally, norms: bool) -> BlockReport:
-    b = next((x for x in BLOCKS if x.role == group), None)
+    b = None if group == "other" else lookup_sdxl_block(group)
     return BlockReport(
         role=group,
-        ldm=b.ldm if b else None,
-        lbw=b.lbw if b else None,
+        ldm=b.attention if b else None,
+        lbw=b.name if b else None,
         modules=len(layers),
         attention_modules=sum(1 for m in layers if m.is_attention),
         params=sum(m.params for m in layers),
@@ -179,7 +188,12 @@ def _block_report(lora: LoraFile, group: str, layers: list[LoraLayer], tally: _T
         alphas=sorted(tally.alphas),
         norm=math.sqrt(tally.norm_sq) if tally.norm_sq is not None and norms else None,
         blocks=lora.other_blocks() if group == "other" else {},
+        block_names=_lbw_names(lora.other_blocks()) if group == "other" else {},
     )
+
+
+def _lbw_names(blocks) -> dict[str, str]:
+    return {b: s.name for b in blocks if (s := sdxl_block_of(b)) is not None}
 
 
 def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, set], nonfinite: list[str],
@@ -206,7 +220,8 @@ def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, s
         )
     other = blocks.get("other")
     if other is not None:
-        shown = ", ".join(f"{b} ({n})" for b, n in list(other.blocks.items())[:6])
+        shown = ", ".join(f"{b}{' ' + other.block_names[b] if b in other.block_names else ''} ({n})"
+                          for b, n in list(other.blocks.items())[:6])
         more = f" and {len(other.blocks) - 6} more" if len(other.blocks) > 6 else ""
         out.append(
             f"{other.modules} modules lie outside the B-LoRA blocks: {shown}{more}; "

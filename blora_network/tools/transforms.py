@@ -36,11 +36,14 @@ from blora_network.files.lorafile import LoraFile, LoraLayer, open_sdxl_lora
 from blora_network.files.measure import Progress, progress_bar
 from blora_network.files.metadata import KEY_WEIGHTS, cumulative_weights, source_entry, tool_metadata
 from blora_network.files.safefile import SAFETENSORS, check_output_path, write_safetensors_hashed
-from blora_network.sdxl.blocks import ROLES, lookup_block
+from blora_network.files.metadata import label_order
+from blora_network.sdxl.blocks import LABELS, LAYER_CHOICES, ROLES, SdxlBlock, lookup_sdxl_block
+
+from .blockweights import inspire_layer_weights, lbw_layer_weights
 from blora_network.sdxl.names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
 __all__ = ["WrittenFile", "SplitResult", "BlockSource", "split", "split_paths", "combine", "scale", "extract",
-           "convert"]
+           "convert", "LAYER_CHOICES"]
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ class _Output:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     layers: dict[str, Optional[str]] = field(default_factory=dict)
-    """kohya layer name -> its B-LoRA role (or None)."""
+    """kohya layer name -> the label of its attention block (``content``, ``OUT03``; None elsewhere)."""
     folded: list[LayerRecord] = field(default_factory=list)
     """Layers written under diffusers/PEFT names, which store no alpha: alpha = rank."""
 
@@ -79,15 +82,16 @@ class _Output:
         if any(k in self.tensors for k in entry):
             raise LoraFileError(f"{lora.path}: layer {layer.name} is given twice")
         self.tensors.update(entry)
-        self.layers[layer.name] = layer.role
+        self.layers[layer.name] = layer.label
 
     def add_folded(self, layer: LoraLayer, entry: Mapping[str, torch.Tensor]) -> None:
         self.tensors.update(entry)
-        self.folded.append(LayerRecord(layer.role, layer.rank, effective_alpha(None, layer.rank)))
+        self.folded.append(LayerRecord(layer.label, layer.rank, effective_alpha(None, layer.rank)))
 
     def roles(self) -> list[str]:
+        """The attention blocks the file holds, by label: B-LoRA's roles first, then ``IN04``... ``OUT05``."""
         present = set(self.layers.values()) | {r.role for r in self.folded}
-        return [r for r in ROLES if r in present]
+        return [r for r in LABELS if r in present]
 
     def finish(self, base: Mapping[str, str], sources: list[dict], weights: Mapping[str, float]) -> _Finished:
         """One alpha for the file's LoRA layers, then the metadata describing the tensors as stored."""
@@ -116,11 +120,15 @@ def _kohya_entry(layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> dict[
 
 
 def _gather(lora: LoraFile, reader, layers: Sequence[LoraLayer], out: _Output, progress: Optional[Progress],
-            weights: Optional[Mapping[str, float]] = None, desc: str = "") -> None:
-    """Read ``layers`` (and only those), scale each by its block's weight, add them under kohya keys."""
+            weights: Optional[Mapping[str, float]] = None, desc: str = "",
+            layer_weights: Optional[Mapping[str, float]] = None) -> None:
+    """Read ``layers`` (and only those), scale each by its block's weight (``weights``: role -> w) or
+    its own (``layer_weights``: layer name -> w), add them under kohya keys."""
     weights = weights or {}
     for layer, tensors in reader.read(layers, progress=progress, desc=desc):
         w = weights.get(layer.role, 1.0) if layer.role else 1.0
+        if layer_weights is not None:
+            w = layer_weights.get(layer.name, 1.0)
         if w != 1.0:
             tensors = scale_tensors(layer.algo, tensors, w, name=layer.name, where=f"{lora.path}: ")
         out.add(lora, layer, tensors)
@@ -168,31 +176,35 @@ class SplitResult:
     source: str
     files: list[WrittenFile]
     skipped_modules: int
-    """Layers outside the B-LoRA blocks, not written anywhere."""
+    """Layers of the file in no written file (outside the blocks, or not of the layers asked for)."""
 
 
 def split_paths(path, out_dir=None, roles: Optional[Iterable[str]] = None) -> dict[str, Path]:
-    """``NAME_content.safetensors`` etc. beside the input (or in ``out_dir``)."""
+    """``NAME_content.safetensors``, ``NAME_OUT03.safetensors``... beside the input (or in ``out_dir``), by label."""
     src = Path(path)
     folder = Path(out_dir) if out_dir is not None else src.parent
     return {r: folder / f"{src.stem}_{r}.safetensors" for r in (roles or ROLES)}
 
 
-def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: bool = False,
+def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, layers: str = "attention", force: bool = False,
           progress: Optional[Progress] = None) -> SplitResult:
-    """One file per B-LoRA block found (or per block in ``roles``, which must all be present).
+    """One file per B-LoRA block found (and per block ``blocks=`` training put in the file, as its
+    metadata says), or per block named in ``roles`` (any SDXL block by any name; each must be in the
+    file), holding that block's ``layers`` (see :func:`extract`).
 
     ``out_dir`` is made when it does not exist yet (and removed again if the split fails).
     """
-    lora = open_sdxl_lora(path)
-    if roles:
-        lora.require_roles(roles, " to split out")
-        chosen = [r for r in ROLES if r in roles]
-    else:
-        chosen = lora.roles()
+    named = roles is not None and len(roles) > 0
+    blocks = _blocks_named(roles, layers, "split") if named else []
+    lora = open_sdxl_lora(path, need_blora=False)
+    if not named:  # the B-LoRA blocks, and the blocks its metadata says were trained (blocks=OUT03)
+        blocks = [lookup_sdxl_block(r) for r in [*lora.roles(), *lora.trained_blocks()]]
+        if not blocks:
+            open_sdxl_lora(path)  # refused as before: no B-LoRA block, and what the file holds
+    parts = {b.label: _require(lora, b, layers, " to split out") for b in blocks}
     made = _make_folders(Path(out_dir)) if out_dir is not None else []
     try:
-        return _split(lora, chosen, split_paths(lora.path, out_dir, chosen), force, progress)
+        return _split(lora, parts, split_paths(lora.path, out_dir, list(parts)), force, progress)
     except BaseException:
         for folder in reversed(made):
             with contextlib.suppress(OSError):
@@ -221,34 +233,36 @@ def _make_folders(folder: Path) -> list[Path]:
     return made
 
 
-def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: bool,
+def _split(lora: LoraFile, parts: dict[str, list[LoraLayer]], targets: dict[str, Path], force: bool,
            progress: Optional[Progress]) -> SplitResult:
     for target in targets.values():  # refuse before writing anything
         check_output_path(target, overwrite=force, inputs=[lora.path])
-    parts = []
+    outs = []
     with lora.reader() as reader:
         # Every block is read (and checked) before the first file is written: a bad tensor in
         # the style block must not leave a content file behind.
-        for role in chosen:
+        for label, layers in parts.items():
             out = _Output()
-            _gather(lora, reader, lora.role_layers(role), out, progress, desc=f"reading {role}")
-            parts.append((role, out))
+            _gather(lora, reader, layers, out, progress, desc=f"reading {label}")
+            outs.append((label, out))
     files, created = [], []
     try:
-        for role, out in parts:
-            weights = cumulative_weights(lora.metadata, {}, [role])
-            done = out.finish(lora.metadata, [_source(lora, [role], {role: 1.0})], weights)
-            new = not targets[role].exists()
-            files.append(_write(targets[role], done, force=force, inputs=[lora.path], progress=progress,
+        for label, out in outs:
+            held = out.roles() or [label]
+            weights = cumulative_weights(lora.metadata, {}, held)
+            done = out.finish(lora.metadata, [_source(lora, held, {r: 1.0 for r in held})], weights)
+            new = not targets[label].exists()
+            files.append(_write(targets[label], done, force=force, inputs=[lora.path], progress=progress,
                                 weights=weights))
             if new:
-                created.append(targets[role])
+                created.append(targets[label])
     except BaseException:  # a failed write (disk full): no partial set of new files
         for target in created:
             with contextlib.suppress(OSError):
                 target.unlink()
         raise
-    skipped = sum(1 for m in lora.layers.values() if m.role is None)
+    written = {m.name for layers in parts.values() for m in layers}
+    skipped = sum(1 for m in lora.layers.values() if m.name not in written)
     return SplitResult(source=str(lora.path), files=files, skipped_modules=skipped)
 
 
@@ -256,118 +270,198 @@ def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: b
 
 @dataclass(frozen=True)
 class BlockSource:
-    """Take block ``role`` from file ``path``, its change multiplied by ``weight``."""
+    """Take block ``role`` (a B-LoRA role or any SDXL block by any name) from file ``path``, its change
+    multiplied by ``weight``."""
 
     role: str
     path: str
     weight: float = 1.0
 
 
-def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
+def combine(sources: Sequence[BlockSource], output, *, layers: str = "transformer", force: bool = False,
             progress: Optional[Progress] = None) -> WrittenFile:
-    """The content block of one file, the style block of another (and a layout block), weighted.
+    """The content block of one file, the style block of another (and a layout block, or any SDXL
+    block of any SDXL LoRA), weighted; ``layers`` of each block as in :func:`extract` (the default,
+    ``transformer``, takes a B-LoRA block whole, as trained).
 
     The output keeps the metadata of the first source (content when given) and records every
     source, its hash, the block taken and its weight. A weight of 0 leaves that block out.
     """
     if not sources:
         raise LoraFileError("nothing to combine: give a content, style and/or layout source")
-    sources = [BlockSource(lookup_block(s.role).role, s.path, s.weight) for s in sources]
-    roles = [s.role for s in sources]
-    if len(set(roles)) != len(roles):
-        raise LoraFileError(f"each block can come from one file only; got {', '.join(roles)}")
-    order = {r: i for i, r in enumerate(ROLES)}
-    sources = sorted(sources, key=lambda s: order[s.role])
+    blocks = _blocks_named([s.role for s in sources], layers, "combine")
+    if len(blocks) != len(sources):  # _blocks_named refused a block named twice; keep the old wording too
+        raise LoraFileError(f"each block can come from one file only; got {', '.join(s.role for s in sources)}")
+    by_name = {lookup_sdxl_block(s.role).name: s for s in sources}
+    order = {label: i for i, label in enumerate(label_order(b.label for b in blocks))}
+    picked = sorted(((b, by_name[b.name]) for b in blocks), key=lambda bs: order[bs[0].label])
     loras = []
-    for s in sources:
-        _check_weight(s.role, s.weight)
-        lora = open_sdxl_lora(s.path)
-        lora.require_roles([s.role], f" to take {s.role} from")
+    for block, s in picked:
+        _check_weight(block.label, s.weight)
+        lora = open_sdxl_lora(s.path, need_blora=False)
+        _require(lora, block, layers, f" to take {block.label} from")
         loras.append(lora)
     inputs = [lo.path for lo in loras]
     check_output_path(output, overwrite=force, inputs=inputs, suffixes=SAFETENSORS)
-    kept = [(s, lo) for s, lo in zip(sources, loras) if s.weight != 0.0]
+    kept = [(b, s, lo) for (b, s), lo in zip(picked, loras) if s.weight != 0.0]
     if not kept:
         raise LoraFileError("every weight is 0: the combined file would be empty")
     out = _Output()
     entries, weights = [], {}
     with contextlib.ExitStack() as stack:
-        for s, lora in kept:
+        for block, s, lora in kept:
             reader = stack.enter_context(lora.reader())
-            _gather(lora, reader, lora.role_layers(s.role), out, progress,
-                    weights={s.role: s.weight}, desc=f"reading {s.role} from {lora.path.name}")
-            entries.append(_source(lora, [s.role], {s.role: s.weight}))
-            weights.update(cumulative_weights(lora.metadata, {s.role: s.weight}, [s.role]))
-        done = out.finish(kept[0][1].metadata, entries, weights)
-        dropped = [s.role for s in sources if s.weight == 0.0]
+            chosen = lora.block_layers(block, layers)
+            _gather(lora, reader, chosen, out, progress, layer_weights={m.name: s.weight for m in chosen},
+                    desc=f"reading {block.label} from {lora.path.name}")
+            entries.append(_source(lora, [block.label], {block.label: s.weight}))
+            weights.update(cumulative_weights(lora.metadata, {block.label: s.weight}, [block.label]))
+        done = out.finish(kept[0][2].metadata, entries, weights)
+        dropped = [b.label for b, s in picked if s.weight == 0.0]
         warn = [f"weight 0 leaves {', '.join(dropped)} out of the file"] if dropped else []
         return _write(output, done, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn,
-                      applied={s.role: s.weight for s, _ in kept})
+                      applied={b.label: s.weight for b, s, _ in kept})
 
 
 # -- scale ------------------------------------------------------------------------------------
 
-def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
-          progress: Optional[Progress] = None) -> WrittenFile:
+def scale(path, weights: Optional[Mapping[str, float]], output, *, lbw: Optional[str] = None,
+          inspire: Optional[str] = None, force: bool = False, progress: Optional[Progress] = None) -> WrittenFile:
     """Bake per-block weights into a file: each block's dW is multiplied by its weight.
 
-    Blocks not named keep weight 1; layers outside the B-LoRA blocks are copied unchanged;
-    a weight of 0 removes the block's layers.
+    ``weights`` maps a B-LoRA role (``content``, ``style``, ``layout``: that transformer block) or any
+    SDXL block by its LoRA Block Weight name (``OUT03``, ``IN08``, ``M00``, ``BASE``: every layer LBW
+    counts in it, resnets and text encoders included) to a weight. Or, instead, ``lbw``/``inspire``
+    is a UI's vector, baked so that the file, loaded at 1 with no vector, changes every layer as that
+    UI changes it with the vector (:mod:`blora_network.tools.blockweights`). Layers no weight names
+    are copied unchanged; a weight of 0 removes the layers.
     """
-    if not weights:
-        raise LoraFileError("no weight given: name at least one of content, style and layout")
-    weights = {lookup_block(r).role: _check_weight(r, w) for r, w in weights.items()}
-    lora = open_sdxl_lora(path)
-    lora.require_roles(list(weights), " to scale")
+    weights = dict(weights or {})
+    if sum(bool(x) for x in (weights, lbw, inspire)) > 1:
+        raise LoraFileError("give block weights, --lbw or --inspire, not several: a vector already weighs every block")
+    if not (weights or lbw or inspire):
+        raise LoraFileError("no weight given: name at least one block (content, style, layout, or --block NAME=W) "
+                            "or give a vector (--lbw, --inspire)")
+    lora = open_sdxl_lora(path, need_blora=False)
+    layers = list(lora.layers.values())
+    if lbw or inspire:
+        per_layer = lbw_layer_weights(layers, lbw) if lbw else inspire_layer_weights(layers, inspire)
+        applied = _uniform_by_label(layers, per_layer)
+    else:
+        per_layer, applied = _named_weights(lora, weights)
     check_output_path(output, overwrite=force, inputs=[lora.path], suffixes=SAFETENSORS)
-    keep = [m for m in lora.layers.values() if not (m.role and weights.get(m.role, 1.0) == 0.0)]
+    keep = [m for m in layers if per_layer.get(m.name, 1.0) != 0.0]
     if not keep:
         raise LoraFileError(f"{lora.path}: every layer would be dropped (weight 0); nothing to write")
     out = _Output()
     with lora.reader() as reader:
-        _gather(lora, reader, keep, out, progress, weights=weights)
+        _gather(lora, reader, keep, out, progress, layer_weights=per_layer)
         for key in lora.unparsed:
             out.tensors[key] = reader.get(key)
         present = out.roles()
-        baked = cumulative_weights(lora.metadata, weights, present)
-        done = out.finish(lora.metadata, [_source(lora, present, weights)], baked)
-        dropped = [r for r, w in weights.items() if w == 0.0]
+        baked = cumulative_weights(lora.metadata, applied, present)
+        done = out.finish(lora.metadata, [_source(lora, present, applied)], baked)
+        dropped = [r for r, w in applied.items() if w == 0.0]
         warn = [f"weight 0 removed the {', '.join(dropped)} block"] if dropped else []
+        if len(keep) < len(layers) and not dropped:
+            warn.append(f"weight 0 removed {len(layers) - len(keep)} layers")
         return _write(output, done, force=force, inputs=[lora.path], progress=progress, weights=baked,
-                      warnings=warn, applied=weights)
+                      warnings=warn, applied=applied)
+
+
+def _named_weights(lora: LoraFile, weights: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-layer weights for named blocks, and the weights by label; a block named twice (``style`` and
+    ``OUT01``), or one the file does not hold, is refused."""
+    per_layer: dict[str, float] = {}
+    applied: dict[str, float] = {}
+    seen: dict[str, str] = {}
+    for key, w in weights.items():
+        name = str(key).strip()
+        _check_weight(name, w)
+        try:
+            block = lookup_sdxl_block(name, where="scale: ")
+        except ValueError as e:
+            raise LoraFileError(str(e)) from None
+        if block.name in seen:
+            raise LoraFileError(f"scale: block {block.name} is given twice ({seen[block.name]} and {name}); "
+                                "give each block one weight")
+        seen[block.name] = name
+        if name.lower() in ROLES:  # the B-LoRA block: the transformer block, as the presets train it
+            lora.require_roles([name.lower()], " to scale")
+            layers, label = lora.role_layers(name.lower()), name.lower()
+        else:
+            layers, label = lora.require_block(block, "all", " to scale"), block.label
+        per_layer.update({m.name: float(w) for m in layers})
+        applied[label] = float(w)
+    return per_layer, {k: applied[k] for k in label_order(applied)}
+
+
+def _uniform_by_label(layers: Sequence[LoraLayer], per_layer: Mapping[str, float]) -> dict[str, float]:
+    """The weight a vector gave each block the file holds, by label (left out where a block's layers differ)."""
+    seen: dict[str, set] = {}
+    for m in layers:
+        if m.sdxl_block is not None:
+            seen.setdefault(m.sdxl_block.label, set()).add(per_layer.get(m.name, 1.0))
+    return {k: next(iter(seen[k])) for k in label_order(seen) if len(seen[k]) == 1}
 
 
 # -- extract ----------------------------------------------------------------------------------
 
-def extract(path, roles: Sequence[str], output, *, force: bool = False,
-            progress: Optional[Progress] = None) -> WrittenFile:
-    """From a LoRA trained on the whole UNet, keep the attention layers of the chosen blocks.
+def _blocks_named(names: Sequence[str], layers: str, tool: str) -> list[SdxlBlock]:
+    """Blocks by any name, each once, checked for ``layers`` (attention needs a block that has some)."""
+    if layers not in LAYER_CHOICES:
+        raise LoraFileError(f"{tool}: --layers {layers!r}: use one of {', '.join(LAYER_CHOICES)}")
+    blocks: dict[str, tuple[SdxlBlock, str]] = {}
+    for name in names:
+        try:
+            block = lookup_sdxl_block(name, attention=layers != "all", where=f"{tool}: ")
+        except ValueError as e:
+            raise LoraFileError(f"{e}; or use --layers all" if "holds no attention" in str(e) else str(e)) from None
+        if block.name in blocks:
+            raise LoraFileError(f"{tool}: block {block.name} is named twice ({blocks[block.name][1]} and {name}); name it once")
+        blocks[block.name] = (block, name)
+    if not blocks:
+        raise LoraFileError(f"{tool}: no block named")
+    return [b for b, _ in blocks.values()]
 
-    These are exactly the layers the B-LoRA presets train (attn1/attn2 to_q, to_k, to_v,
-    to_out.0: 80 per full-size block); ff, proj_in/proj_out and everything else is left out.
+
+def extract(path, roles: Sequence[str], output, *, layers: str = "attention", force: bool = False,
+            progress: Optional[Progress] = None) -> WrittenFile:
+    """From a LoRA trained on the whole UNet, keep the chosen blocks (any SDXL block by any name).
+
+    ``layers="attention"`` (the default, the B-LoRA rule) keeps exactly the layers the presets
+    train (attn1/attn2 to_q, to_k, to_v, to_out.0: 80 per full-size 1280-wide block); ``"transformer"``
+    adds ff and proj_in/proj_out; ``"all"`` keeps every layer LoRA Block Weight counts in the block.
     """
-    roles = [lookup_block(r).role for r in roles]
-    lora = open_sdxl_lora(path)
-    lora.require_roles(roles, " to extract")
-    for role in roles:
-        if not lora.role_layers(role, attention_only=True):
-            block = lookup_block(role)
-            have = sorted({m.ldm_path.rsplit(".", 1)[-1] if m.ldm_path else m.name for m in lora.role_layers(role)})
-            raise LoraFileError(
-                f"{lora.path}: the {role} block ({block.ldm}) has no attention layers (to_q/to_k/to_v/to_out.0), "
-                f"only {', '.join(have[:6])}; there is nothing B-LoRA would train to extract"
-            )
+    blocks = _blocks_named(roles, layers, "extract")
+    lora = open_sdxl_lora(path, need_blora=False)
+    chosen = [m for b in blocks for m in _require(lora, b, layers, " to extract")]
     check_output_path(output, overwrite=force, inputs=[lora.path], suffixes=SAFETENSORS)
-    layers = [m for r in roles for m in lora.role_layers(r, attention_only=True)]
     out = _Output()
     with lora.reader() as reader:
-        _gather(lora, reader, layers, out, progress)
-        weights = cumulative_weights(lora.metadata, {}, roles)
-        done = out.finish(lora.metadata, [_source(lora, roles, {})], weights)
-        skipped = len(lora.layers) - len(layers)
-        warn = [f"left out {skipped} layers outside the chosen blocks' attention layers"] if skipped else []
+        _gather(lora, reader, chosen, out, progress)
+        labels = out.roles()
+        weights = cumulative_weights(lora.metadata, {}, labels)
+        done = out.finish(lora.metadata, [_source(lora, labels or [b.name for b in blocks], {})], weights)
+        skipped = len(lora.layers) - len(chosen)
+        what = "attention layers" if layers == "attention" else "layers"
+        warn = [f"left out {skipped} layers outside the chosen blocks' {what}"] if skipped else []
         return _write(output, done, force=force, inputs=[lora.path], progress=progress, weights=weights,
                       warnings=warn)
+
+
+def _require(lora: LoraFile, block: SdxlBlock, layers: str, what: str) -> list[LoraLayer]:
+    """The block's layers; for a B-LoRA role block without attention layers, the message B-LoRA users know."""
+    found = lora.block_layers(block, layers)
+    if not found and layers != "all" and block.role:
+        lora.require_roles([block.role], what)
+    if not found and layers == "attention" and block.role and lora.role_layers(block.role):
+        have = sorted({m.ldm_path.rsplit(".", 1)[-1] if m.ldm_path else m.name for m in lora.role_layers(block.role)})
+        raise LoraFileError(
+            f"{lora.path}: the {block.role} block ({block.attention}) has no attention layers (to_q/to_k/to_v/to_out.0), "
+            f"only {', '.join(have[:6])}; there is nothing B-LoRA would train to extract"
+        )
+    return lora.require_block(block, layers, what)
 
 
 # -- convert ----------------------------------------------------------------------------------
