@@ -164,3 +164,20 @@ def test_every_subpackage_says_what_it_is():
             for sub in path.parent.glob("*.py"):
                 if sub.name != "__init__.py":
                     assert sub.name in doc, f"{path.relative_to(ROOT)}'s docstring does not name {sub.name}"
+
+
+def test_no_module_sends_the_reader_outside_the_repository():
+    """The notes beside the repository (shared/reference/*.md) are not shipped: a docstring must state the
+    fact, or cite the upstream file it comes from."""
+    outside = ("shared/", "sdxl-blocks.md", "lycoris-notes.md", "sd-scripts-contract.md", "design-review", "kohya-gui.md")
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for path in MODULES.values()
+             for n, line in enumerate(path.read_text().splitlines(), 1) if any(o in line for o in outside)]
+    assert not found, "\n".join(found)
+
+
+def test_one_toml_reader():
+    """tomlfile.read_toml is the one function of that name (sd-scripts' configs have read_config_toml)."""
+    defined = [f"{path.relative_to(ROOT)}" for path in MODULES.values()
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)
+               and node.name == "read_toml"]
+    assert defined == ["blora_network/tomlfile.py"], defined

@@ -541,7 +541,7 @@ def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -
     """The preset and typed options ``create_network`` would use, or the error it would raise
     before touching the model (``blora-network check`` runs this too)."""
     kwargs = gui_network_args(kwargs)
-    raw_preset = kwargs.get("preset")
+    raw_preset = kwargs.pop("preset", None)  # read once, here; options.preset is set from the loaded preset
     if neuron_dropout is not None and kwargs.get("dropout") is None:
         kwargs["dropout"] = neuron_dropout
     if kwargs.get("blocks") is not None:

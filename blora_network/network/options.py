@@ -69,7 +69,7 @@ LoRA Block Weight name of any of the eleven attention blocks, then ``_dim``/``_a
 _BLOCK_KEY_RE = re.compile(r"^(?P<block>.+)_(?P<what>dim|alpha|lr)$")
 # Our own keys.
 _OWN_KEYS: dict[str, type] = {
-    "preset": str,
+    "preset": str,  # known here for the spelling hints; network_options reads it, before parse_network_args
     "blocks": str,  # "OUT00,OUT01,OUT03": the attention layers of these blocks, as the presets train them
     "alpha": float,
     "train_text_encoder": bool,
@@ -203,7 +203,8 @@ def parse_network_args(
         else:
             parsed[key] = _parse_value(key, value, kind)
 
-    options = NetworkOptions(dim=dim, alpha=float(dim), preset=parsed.pop("preset", None) or None)
+    parsed.pop("preset", None)  # the preset is network_options' to read (it says what the settings apply to)
+    options = NetworkOptions(dim=dim, alpha=float(dim))
     if "alpha" in parsed:
         options.alpha = float(parsed.pop("alpha"))
         options.alpha_given = True

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Optional, Sequence
 from blora_network import tomlfile
 from blora_network.errors import BLoraError
 
-__all__ = ["SdArg", "SD_ARGS", "NEWER_THAN", "IMAGE_EXTENSIONS", "SDXL_SCRIPT", "TrainingArgs", "read_toml",
+__all__ = ["SdArg", "SD_ARGS", "NEWER_THAN", "IMAGE_EXTENSIONS", "SDXL_SCRIPT", "TrainingArgs", "read_config_toml",
            "read_training_config", "is_dataset_config", "sd_parser", "parse_command_line", "config_args",
            "check_words", "split_network_arg", "type_problem", "close_option", "unknown_keys", "unrecognized_message"]
 
@@ -176,7 +176,7 @@ def split_network_arg(item: str) -> tuple[str, str]:
     return key, value
 
 
-def read_toml(path: str | Path, what: str) -> dict:
+def read_config_toml(path: str | Path, what: str) -> dict:
     """A TOML file as a dict, or one-line errors naming the file (:mod:`blora_network.tomlfile`)."""
     return tomlfile.read_toml(Path(path), what=what, syntax_hint="sd-scripts could not read this config either")
 
@@ -187,7 +187,7 @@ def read_training_config(path: str | Path) -> dict[str, Any]:
     if p.suffix != ".toml":  # read_config_from_file appends .toml to a name without it
         p = p.with_name(p.name + ".toml")
     flat: dict[str, Any] = {}
-    doc = read_toml(p, "training config")
+    doc = read_config_toml(p, "training config")
     if is_dataset_config(doc):
         raise BLoraError(f"{p}: this is a dataset config (--dataset_config: [general] / [[datasets]] tables), not a "
                          "training config; give the training config (--config_file), e.g. the NAME.toml recipe wrote "

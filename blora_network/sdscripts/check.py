@@ -25,7 +25,7 @@ from .args import (
     config_args,
     is_dataset_config,
     parse_command_line,
-    read_toml,
+    read_config_toml,
     split_network_arg,
     type_problem,
     unknown_keys,
@@ -229,7 +229,7 @@ def _resolution(values: dict, report: CheckReport) -> tuple[Optional[Any], str]:
     dataset = values.get("dataset_config")
     if isinstance(dataset, str):
         try:
-            data = read_toml(dataset, "dataset config")
+            data = read_config_toml(dataset, "dataset config")
         except BLoraError as e:
             report.add("error", "dataset_config", str(e))
             return None, ""

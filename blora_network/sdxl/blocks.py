@@ -83,7 +83,7 @@ class SdxlBlock:
 
 
 def _sdxl_blocks() -> tuple[SdxlBlock, ...]:
-    # SDXL's levels (sd-scripts' sdxl_original_unet; sdxl-blocks.md): level 0 has no transformer,
+    # SDXL's levels (sd-scripts' library/sdxl_original_unet.py): level 0 has no transformer,
     # levels 1 and 2 do; input_blocks 3 and 6 are downsamplers; output_blocks 2 and 5 end with an
     # upsampler (their third module); the deepest level has no downsampler, the last no upsampler.
     roles = {"output_blocks.0.1": "content", "output_blocks.1.1": "style", "input_blocks.8.1": "layout"}

@@ -8,7 +8,7 @@ block names (``lora_unet_up_blocks_0_attentions_0_...``), and the diffusers / PE
 spelling maps to another, which block a layer is in and what kind of layer it is. No torch here: the CLI
 uses it for ``--help`` and argument checks.
 
-The block rule (sdxl-blocks.md): ``input_blocks.{3l+k+1}.1`` = ``down_blocks.{l}.attentions.{k}``,
+The block rule (sd-scripts' ``library/sdxl_original_unet.py`` beside diffusers' ``UNet2DConditionModel``): ``input_blocks.{3l+k+1}.1`` = ``down_blocks.{l}.attentions.{k}``,
 ``output_blocks.{3l+k}.1`` = ``up_blocks.{l}.attentions.{k}``, ``middle_block.1`` = ``mid_block.attentions.0``.
 """
 
