@@ -7,7 +7,7 @@ non-zero; sd-scripts shows it as the last line of its traceback.
 
 from __future__ import annotations
 
-__all__ = ["BLoraError", "PresetError", "NetworkArgsError", "LoraFileError", "ModelMismatchError", "DeviceError"]
+__all__ = ["BLoraError", "PresetError", "NetworkArgsError", "LoraFileError", "ModelMismatchError", "DeviceError", "Terminated"]
 
 
 class BLoraError(Exception):
@@ -32,3 +32,12 @@ class ModelMismatchError(BLoraError, ValueError):
 
 class DeviceError(BLoraError, ValueError):
     """A device asked for (``--device cuda``) that this machine or this torch build does not have."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) arrived: treated like Ctrl-C, so every cleanup that
+    runs on ``KeyboardInterrupt`` runs on it too."""
+
+    def __init__(self, signum: int = 15):
+        super().__init__(signum)
+        self.signum = signum

@@ -342,7 +342,7 @@ def test_bad_input_gives_one_clear_message(case: Case, tmp_path, blora_file, cap
         assert word.format(tmp=tmp_path) in message, f"{word!r} not in {message!r}"
     # nothing half-written, no temp file left behind
     after = [p.name for p in tmp_path.iterdir() if p.name not in before]
-    assert not [n for n in after if n.endswith(".tmp")], after
+    assert not [n for n in after if ".blora-tmp-" in n], after
     assert not (tmp_path / "x.safetensors").exists()
     assert blora_file.stat().st_size > 0
 

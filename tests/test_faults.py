@@ -42,7 +42,7 @@ def _tensors(seed=0, n=4, size=64):
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir() if ".blora-tmp-" in p.name)
 
 
 class DiskFull(OSError):
@@ -174,7 +174,7 @@ def test_tool_killed_mid_write_leaves_target_intact(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            partial = [p for p in tmp_path.glob(".out.safetensors.*.tmp") if p.stat().st_size > (4 << 20)]
+            partial = [p for p in tmp_path.glob(".out.safetensors.blora-tmp-*") if p.stat().st_size > (4 << 20)]
             if partial:
                 break
             time.sleep(0.005)
@@ -189,9 +189,10 @@ def test_tool_killed_mid_write_leaves_target_intact(tmp_path):
     assert all(torch.equal(v, _tensors(seed=5)[k]) for k, v in load_tensors(out).items())
     left = _leftovers(tmp_path)
     assert left and all(n.startswith(".out.safetensors.") for n in left)  # only our hidden temp file
-    # the next run replaces the target normally; the stale temp file is harmless
+    # the next run replaces the target normally and removes the killed run's temporary file
     assert cli_main(["scale", str(src), "--style", "0.5", "-o", str(out), "--force"]) == 0
     assert load_tensors(out).keys() == tensors.keys()
+    assert _leftovers(tmp_path) == []
 
 
 # -- resume and save twice -----------------------------------------------------------------------

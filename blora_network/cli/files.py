@@ -12,7 +12,7 @@ from blora_network.errors import BLoraError
 from blora_network.sdxl.blocks import BLOCKS, ROLES
 from blora_network.sdxl.names import WRITE_SPELLINGS
 
-from .args import Once, add_output_args, positive_int, roles, weight
+from .args import Once, add_output_args, output_path, positive_int, roles, weight
 from .subcommand import Output, Subcommand, human_size, printable, progress_bar
 
 __all__ = ["FILE_COMMANDS", "format_norm"]
@@ -53,7 +53,7 @@ def _run_inspect(args) -> Output:
 
 def _add_analyze(p) -> None:
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--plot", metavar="OUT.png", help="also draw the chart as a PNG (.svg and .pdf work too)")
+    p.add_argument("--plot", metavar="OUT.png", type=output_path, help="also draw the chart as a PNG (.svg and .pdf work too)")
     p.add_argument("--top", type=positive_int, metavar="N",
                    help="list only the N blocks with the largest change (default: every block, in UNet order)")
     p.add_argument("--force", action="store_true", help="replace OUT.png if it exists")
@@ -138,7 +138,7 @@ def _written(f) -> Output:
 def _add_split(p) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--blocks", type=roles, help=f"only these blocks, comma-separated: {_ROLE_HELP}")
-    p.add_argument("--out-dir", metavar="DIR", help="folder for the files (default: FILE's folder)")
+    p.add_argument("--out-dir", metavar="DIR", type=output_path, help="folder for the files (default: FILE's folder)")
     p.add_argument("--force", action="store_true", help="replace existing files")
 
 

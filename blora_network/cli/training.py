@@ -16,7 +16,7 @@ from blora_network.sdscripts.recipe import PAPER, write_recipe
 from blora_network.sdxl.blocks import lookup_block
 from blora_network.tools import demo
 
-from .args import positive_int
+from .args import output_path, positive_int, positive_number
 from .subcommand import Output, Subcommand, human_size
 
 __all__ = ["TRAINING_COMMANDS"]
@@ -96,11 +96,11 @@ def _add_demo(p) -> None:
     p.add_argument("--preset", default="content_style", help="built-in preset name or TOML path (default: content_style)")
     p.add_argument("--dim", type=positive_int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=positive_number, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: 1, the fastest for this tiny model, on a busy machine too)")
-    p.add_argument("-o", "--output", default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
+    p.add_argument("-o", "--output", type=output_path, default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
 
@@ -112,7 +112,8 @@ def _run_demo(args) -> Output:
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # the summary below says what it would log
     result = demo.train(preset=args.preset, dim=args.dim, steps=args.steps, lr=args.lr, device=args.device,
-                   output=args.output, force=args.force, threads=args.threads, progress=not args.json)
+                   output=args.output, force=args.force, threads=args.threads,
+                   progress=not (args.json or args.no_progress))
     where = result.device + (f", {result.threads} torch thread{'s' if result.threads != 1 else ''}"
                              f"{' (the fastest for this tiny model; --threads N to change)' if args.threads is None else ''}"
                              if result.threads else "")
@@ -138,7 +139,7 @@ def _add_recipe(p) -> None:
     p.add_argument("images", metavar="IMAGES", help="folder of training images (one is enough for B-LoRA), with "
                                                     "optional caption files NAME.txt")
     p.add_argument("--model", required=True, metavar="SDXL.safetensors", help="the SDXL base checkpoint to train on")
-    p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR",
+    p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", type=output_path,
                    help="folder for NAME.toml and NAME_dataset.toml (created if missing); the LoRA is saved there too")
     p.add_argument("--name", help="name of the run and of the files (default: the image folder's name)")
     p.add_argument("--preset", default="content_style", help="built-in preset or a preset TOML (default content_style)")

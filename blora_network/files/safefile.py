@@ -16,10 +16,15 @@ No pickle is ever given to the full unpickler.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -30,8 +35,11 @@ from safetensors.torch import save_file as st_save_file
 
 from blora_network.errors import LoraFileError
 
+from . import writes
 from .algos import all_finite
 from .metadata import HASH_KEYS
+
+logger = logging.getLogger("blora_network")
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -44,6 +52,11 @@ __all__ = [
     "load_weights_file",
     "check_output_path",
     "atomic_target",
+    "write_error",
+    "stale_temporaries",
+    "remove_stale_temporaries",
+    "make_folders",
+    "remove_folders",
     "read_header_layout",
     "write_safetensors_hashed",
     "save_pickle",
@@ -181,7 +194,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
     ``suffixes``, when given, are the only endings accepted (sd-scripts, ComfyUI and A1111 list
     LoRAs by their ``.safetensors`` suffix, so a file without it would silently not show up).
     """
+    if not str(path).strip():
+        raise LoraFileError(f"{option} {str(path)!r}: an empty file name; give a file name ending in {suffix}")
     p = Path(path)
+    if p.is_dir():  # before the suffix: "add .safetensors" would be the wrong fix for a folder
+        raise LoraFileError(f"{p}: is a folder; give a file name ending in {suffix}, e.g. {p / ('out' + suffix)}")
     if suffixes and p.suffix.lower() not in suffixes:
         hint = p.with_name(p.name + suffixes[0]) if p.suffix.lower() not in (".pt", ".ckpt") else p.with_suffix(suffixes[0])
         raise LoraFileError(f"{p}: the output name must end in {' or '.join(suffixes)} (the UIs and sd-scripts list "
@@ -192,11 +209,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
             same = p.exists() and os.path.samefile(p, src)
         if same:
             raise LoraFileError(f"{p}: refusing to write over an input file; choose another {option} path")
-    if p.exists() and p.is_dir():
-        raise LoraFileError(f"{p}: is a folder; give a file name ending in {suffix}")
     if p.exists() and not overwrite:
         raise LoraFileError(f"{p}: already exists; pass --force to replace it")
     parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise LoraFileError(f"{p}: {parent} is a file, not a folder; give a folder for the output")
     if not parent.is_dir():
         raise LoraFileError(f"{p}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
@@ -204,30 +221,193 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
     return p
 
 
-def _temp_beside(p: Path) -> tuple[int, str]:
-    """A temporary file in the target's folder (same filesystem, so the final rename is atomic)."""
+# -- writing: user-actionable OS errors ---------------------------------------------------------------
+
+_FIXES = {
+    errno.ENOSPC: "free space on that disk or write elsewhere",
+    errno.EDQUOT: "free space within your disk quota or write elsewhere",
+    errno.EFBIG: "the file system or the process's file size limit (ulimit -f) is too small for it; write to "
+                 "another disk or raise the limit",
+    errno.EACCES: "write to a folder you may write to, or change its permissions",
+    errno.EPERM: "write to a folder you may write to, or change its permissions",
+    errno.EROFS: "that file system is read-only; write elsewhere",
+    errno.ENAMETOOLONG: "choose a shorter file name",
+    errno.EIO: "the disk or network share failed; check it and write elsewhere",
+    errno.ENOENT: "the folder was removed while writing; create it again or write elsewhere",
+    errno.EXDEV: "write within one file system",
+}
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_error(path: Path, error: BaseException, what: str = "cannot write") -> Optional[LoraFileError]:
+    """A failed write as one line naming the target, the errno's meaning and a fix; None when
+    ``error`` is not an OS error (a bug, which must stay visible as one).
+
+    safetensors' writer reports OS errors as text (``... (os error 28)``); that number is read back.
+    """
+    if isinstance(error, LoraFileError):
+        return error
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None:
+        found = _RUST_OS_ERROR.search(str(error))
+        if found is None:
+            return None if not isinstance(error, OSError) else LoraFileError(f"{path}: {what}: {error}")
+        code = int(found.group(1))
+    name = errno.errorcode.get(code, f"errno {code}")
+    fix = _FIXES.get(code, "write elsewhere")
+    return LoraFileError(f"{path}: {what}: {os.strerror(code)} ({name}); {fix}")
+
+
+# -- writing: temporary files and what is left of them -------------------------------------------------
+
+_TMP_TAG = ".blora-tmp-"
+_TMP_NAME = re.compile(r"^\..*\.blora-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+STALE_AFTER_S = 6 * 3600
+"""A temporary file untouched this long is stale whoever wrote it. A live write keeps writing its
+file (a 2 GB save takes minutes, its fsync seconds), so no live write is this old; the PID test
+below cannot see writers on another machine or in another PID namespace, this rule can."""
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _temp_name(p: Path) -> str:
+    """A fresh name in the target's folder (same filesystem, so the final rename is atomic),
+    ``.NAME.blora-tmp-HOST-PID-XXXXXXXX``, so that what a SIGKILL leaves is known as ours. Named
+    before it is created, so that a signal arriving just after the creation still finds it."""
     folder = p.parent if str(p.parent) else Path(".")
+    stem = p.name[:100]  # the target's name may be near NAME_MAX; the temporary one must still fit
+    return str(folder / f".{stem}{_TMP_TAG}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _create(p: Path, tmp: str) -> None:
     try:
-        return tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(folder))
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as e:  # e.g. root on a read-only mount, where os.access says yes
-        raise LoraFileError(f"{p}: folder {folder} is not writable ({e.strerror or e})") from None
+        denied = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        folder = Path(tmp).parent
+        raise write_error(p, e, f"folder {folder} is not writable" if denied else "cannot write") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def stale_temporaries(folder: Path, now: Optional[float] = None) -> list[Path]:
+    """Our temporary files in ``folder`` that no live write owns: left by a SIGKILL, a power cut or
+    an OOM kill. Stale when written on this machine by a process that is gone, or untouched for
+    :data:`STALE_AFTER_S` (a PID on another machine means nothing here)."""
+    now = time.time() if now is None else now
+    host, out = _host_tag(), []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        m = _TMP_NAME.match(entry.name)
+        if m is None:
+            continue
+        with contextlib.suppress(OSError):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            gone = m["host"] == host and not _pid_alive(int(m["pid"]))
+            if gone or now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S:
+                out.append(Path(entry.path))
+    return out
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove :func:`stale_temporaries`, saying so in one log line; returns what was removed."""
+    removed, size = [], 0
+    for path in stale_temporaries(folder):
+        with contextlib.suppress(OSError):
+            n = path.stat().st_size
+            path.unlink()
+            removed.append(path)
+            size += n
+    if removed:
+        names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        logger.warning("%s: removed %d temporary file%s (%d bytes) left by a killed write: %s", folder, len(removed),
+                       "" if len(removed) == 1 else "s", size, names)
+    return removed
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p``, returning the folders it made (outermost first), for :func:`remove_folders`."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise LoraFileError(f"{folder}: is a file, not a folder; give a folder for the output")
+    made = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except OSError as e:
+            remove_folders(made)
+            raise LoraFileError(f"{f}: cannot create the output folder: {write_error(f, e)}") from None
+        made.append(f)
+    return made
+
+
+def remove_folders(made: Sequence[Path]) -> None:
+    """Undo :func:`make_folders` after a failure: each folder it made, innermost first, if empty."""
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager
 def atomic_target(p: Path) -> Iterator[str]:
     """A temporary path beside ``p`` to write to; it becomes ``p`` only when the block ends
     without an error (renamed, with the permissions a plain ``open`` would give), and is
-    removed otherwise. So ``p`` is always absent, as it was, or complete."""
-    fd, tmp = _temp_beside(p)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _final_mode(p))
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    removed otherwise. So ``p`` is always absent, as it was, or complete.
+
+    SIGTERM is treated as Ctrl-C meanwhile (:mod:`.writes`); what happened to ``p`` is recorded
+    in the open journals; an OS error the user can act on (full disk, permissions) becomes one
+    :class:`LoraFileError` naming ``p``; stale temporary files of killed writes are removed first.
+    """
+    p = Path(p)
+    with writes.sigterm_raises():
+        fate = writes.record(p)
+        tmp, renaming = None, False
+        try:
+            remove_stale_temporaries(p.parent if str(p.parent) else Path("."))
+            tmp = _temp_name(p)
+            _create(p, tmp)
+            yield tmp
+            os.chmod(tmp, _final_mode(p))
+            renaming = True
+            os.replace(tmp, p)
+            fate.state = writes.WRITTEN
+        except BaseException as e:
+            if renaming and not os.path.lexists(tmp):  # interrupted just after the rename: p is complete
+                fate.state = writes.WRITTEN
+                raise
+            fate.state = writes.ABANDONED
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    fate.leftover = tmp
+            error = write_error(p, e) if isinstance(e, Exception) else None
+            if error is not None and error is not e:
+                raise error from None
+            raise
 
 
 def read_header_layout(path: str | os.PathLike) -> tuple[dict, int, int]:
@@ -443,7 +623,8 @@ def _final_mode(p: Path) -> int:
 def save_pickle(path, tensors: Mapping[str, torch.Tensor]) -> None:
     """``torch.save`` a training state dict atomically (sd-scripts' ``--save_model_as pt/ckpt``)."""
     with atomic_target(check_output_path(path, overwrite=True, suffix=Path(path).suffix)) as tmp:
-        torch.save(dict(tensors), tmp)
+        with open(tmp, "wb") as f:  # a file object: a full disk is then an OSError with its errno, not
+            torch.save(dict(tensors), f)  # torch's "unexpected pos" RuntimeError
 
 
 def load_weights_file(file) -> dict[str, torch.Tensor]:

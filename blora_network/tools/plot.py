@@ -49,7 +49,7 @@ def check_plot_path(path, *, inputs: Sequence = (), overwrite: bool = False) -> 
     """Refuse a chart path we must not or cannot write, before any work is done."""
     p = Path(path)
     fmt = p.suffix.lower().lstrip(".")
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and not p.is_dir():  # a folder is named as one by check_output_path
         raise LoraFileError(f"{p}: the chart is written as PNG (or SVG/PDF); give a name ending in .png")
     return check_output_path(p, overwrite=overwrite, inputs=inputs, option="--plot", suffix=".png")
 

@@ -26,7 +26,8 @@ from blora_network.files.algos import alpha_tensor, alpha_value, effective_alpha
 from blora_network.files.lorafile import LoraFile, LoraLayer, open_sdxl_lora
 from blora_network.files.measure import Progress, progress_bar
 from blora_network.files.metadata import KEY_WEIGHTS, LayerRecord, cumulative_weights, source_entry, tool_metadata
-from blora_network.files.safefile import SAFETENSORS, check_output_path, write_safetensors_hashed
+from blora_network.files.safefile import (SAFETENSORS, check_output_path, make_folders, remove_folders,
+                                         write_safetensors_hashed)
 from blora_network.sdxl.blocks import ROLES, lookup_block
 from blora_network.sdxl.names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
@@ -178,35 +179,12 @@ def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: b
         chosen = [r for r in ROLES if r in roles]
     else:
         chosen = lora.roles()
-    made = _make_folders(Path(out_dir)) if out_dir is not None else []
+    made = make_folders(Path(out_dir)) if out_dir is not None else []
     try:
         return _split(lora, chosen, split_paths(lora.path, out_dir, chosen), force, progress)
     except BaseException:
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only empty: _split removed the files it made
+        remove_folders(made)  # only empty ones: _split removed the files it made
         raise
-
-
-def _make_folders(folder: Path) -> list[Path]:
-    """``mkdir -p``, returning the folders it made (outermost first)."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        if folder.parent == folder:
-            break
-        folder = folder.parent
-    made = []
-    for f in reversed(missing):
-        try:
-            f.mkdir()
-        except OSError as e:
-            for m in reversed(made):
-                with contextlib.suppress(OSError):
-                    m.rmdir()
-            raise LoraFileError(f"{f}: cannot create the output folder ({e.strerror or e})") from None
-        made.append(f)
-    return made
 
 
 def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: bool,
