@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from blora_network.errors import BLoraError
+from blora_network.errors import BLoraError, count
 from blora_network.sdxl.blocks import BLOCKS, ROLES
 from blora_network.sdxl.names import WRITE_SPELLINGS
 
@@ -33,7 +33,7 @@ def _run_inspect(args) -> Output:
 
     rep = inspect(args.file, norms=not args.no_norms, progress=progress_bar(args))
     dtypes = ", ".join(f"{d} x{n}" if len(rep.dtypes) > 1 else d for d, n in rep.dtypes.items())
-    lines = [f"{rep.file}: {human_size(rep.file_bytes)}, {rep.modules} layers, {dtypes}, "
+    lines = [f"{rep.file}: {human_size(rep.file_bytes)}, {count(rep.modules, 'layer')}, {dtypes}, "
              f"{'/'.join(rep.spellings)} names, model {rep.model}",
              f"  {'block':<8} {'where':<22} {'layers':>6} {'rank':>9} {'alpha':>9} {'algo':<10} {'||dW||':>10}"]
     for b in rep.blocks.values():
@@ -82,7 +82,7 @@ def _run_analyze(args) -> Output:
         from blora_network.tools.plot import render
 
         chart = str(render(rep, args.plot, overwrite=args.force, inputs=[args.file]))
-    te = (f"; text encoders: {sum(t.modules for t in rep.text_encoders)} layers, ||dW||_F "
+    te = (f"; text encoders: {count(sum(t.modules for t in rep.text_encoders), 'layer')}, ||dW||_F "
           f"{rep.text_encoder_norm:.4g} (not in the shares)" if rep.text_encoders else "")
     lines = [f"{rep.file}: model {rep.model}, {rep.unet_modules} UNet layers ({'/'.join(rep.spellings)} names), "
              f"UNet ||dW||_F {rep.unet_norm:.4g}{te}"]
@@ -98,7 +98,7 @@ def _run_analyze(args) -> Output:
     shown = {r.block for r in rows}
     hidden = [r for r in rep.blocks if r.block not in shown]
     if hidden:
-        lines.append(f"  ... and {len(hidden)} more blocks ({_share(sum(r.share for r in hidden))} together)")
+        lines.append(f"  ... and {count(len(hidden), 'more block')} ({_share(sum(r.share for r in hidden))} together)")
     cells = "".join(f" {_share(rep.kinds[k].share):>10}" for k in kinds)
     lines.append(f"  {'UNet':<18} {'':<12} {sum(r.modules for r in rep.blocks):>6} {format_norm(rep.unet_norm):>10} "
                  f"{_share(1.0 if rep.unet_norm else 0.0):>7}{cells}")
@@ -121,7 +121,7 @@ def _run_analyze(args) -> Output:
 def _describe_written(f) -> str:
     """``wrote OUT: content, style (160 layers, 1.2 MiB); applied style x0.7; since training style x0.56``."""
     blocks = ", ".join(f.blocks) or "no B-LoRA block"
-    text = f"wrote {f.path}: {blocks} ({f.modules} layers, {human_size(f.bytes)})"
+    text = f"wrote {f.path}: {blocks} ({count(f.modules, 'layer')}, {human_size(f.bytes)})"
     applied = {r: w for r, w in f.applied.items() if w != 1.0}
     if applied:
         text += "; applied " + ", ".join(f"{r} x{w:g}" for r, w in applied.items())
@@ -148,7 +148,7 @@ def _run_split(args) -> Output:
     result = split(args.file, out_dir=args.out_dir, roles=args.blocks, force=args.force, progress=progress_bar(args))
     lines = [_describe_written(f) for f in result.files]
     if result.skipped_modules:
-        lines.append(f"note: {result.skipped_modules} layers outside the B-LoRA blocks were not written")
+        lines.append(f"note: {count(result.skipped_modules, 'layer')} outside the B-LoRA blocks were not written")
     return result, lines
 
 

@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from blora_network.errors import BLoraError
+from blora_network.errors import BLoraError, count
 from blora_network.sdscripts.check import check_command_line, check_config
 from blora_network.sdscripts.recipe import PAPER, write_recipe
 from blora_network.sdxl.blocks import lookup_block
@@ -38,7 +38,7 @@ def _run_presets(args) -> Output:
     for p in items:
         name = p.name + (" (default)" if p.name == DEFAULT_PRESET else "")
         blocks = ", ".join(f"{b.role} {b.ldm}: {p.blocks.get(b.ldm, 0)}" for b in map(lookup_block, p.roles))
-        lines.append(f"  {name:<{width}} {p.modules:>4} layers   {blocks}")
+        lines.append(f"  {name:<{width}} {p.modules:>4} {'layer ' if p.modules == 1 else 'layers'}  {blocks}")
     lines.append("Use one with: --network_module blora_network --network_args \"preset=NAME\"; "
                  "see a custom TOML with: blora-network plan --preset my.toml --dim 64")
     return [asdict(p) for p in items], lines
@@ -120,7 +120,7 @@ def _run_demo(args) -> Output:
     lines = [f"blora-network demo: preset {result.preset}, rank {result.dim}, {result.steps} AdamW steps on {where}; "
              f"torch {result.torch}"]
     for role, s in result.blocks.items():
-        lines.append(f"  {role:<8} {s['modules']:>4} modules  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
+        lines.append(f"  {role:<8} {s['modules']:>4} {'module ' if s['modules'] == 1 else 'modules'}  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
     lines.append(f"  trainable parameters: {result.trainable_parameters:,}")
     lines.append(f"  loss: {result.loss_before:.6f} -> {result.loss_after:.6f} "
                  f"({(1 - result.loss_after / result.loss_before) * 100:.1f}% lower)")
@@ -158,7 +158,7 @@ def _scan_lines(result) -> list[str]:
     images = scan.usable
     captions = sum(1 for i in images if i.caption_file)
     sizes = sorted({f"{i.width}x{i.height}" for i in images})
-    shown = ", ".join(sizes[:6]) + (f" and {len(sizes) - 6} more sizes" if len(sizes) > 6 else "")
+    shown = ", ".join(sizes[:6]) + (f" and {count(len(sizes) - 6, 'more size')}" if len(sizes) > 6 else "")
     lines = [f"{scan.folder}: {len(images)} image(s) ({shown}), {captions} with a caption file "
              f"({scan.caption_extension}), trigger token {scan.token!r}"]
     for i in images:

@@ -91,6 +91,12 @@ def _check_header(path: Path) -> tuple[dict, int, int]:
             if len(head) < 8:
                 raise LoraFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
             n = int.from_bytes(head, "little")
+            pickled = _pickle_kind(head)
+            if pickled and (n > MAX_METADATA_BYTES or n + 8 > size or f.read(1) != b"{"):
+                raise LoraFileError(f"{path}: this is {pickled} renamed .safetensors, not a safetensors file; "
+                                    "give it its real suffix (.pt/.ckpt), or convert it once (torch.load(..., "
+                                    "weights_only=True) then safetensors.torch.save_file)")
+            f.seek(8)
             if n > MAX_METADATA_BYTES or n + 8 > size:
                 hint = "the file is truncated" if n <= MAX_METADATA_BYTES else "this is not a safetensors file"
                 raise LoraFileError(
@@ -125,6 +131,16 @@ def _check_header(path: Path) -> tuple[dict, int, int]:
             f"only {size} are there (the download or the save did not finish; get the file again)"
         )
     return header, 8 + n, size
+
+
+def _pickle_kind(head: bytes) -> Optional[str]:
+    """What the first bytes say a file is when they are a pickle's: ``torch.save``'s zip archive
+    (``PK``) or a bare pickle (protocol 2-5 begins with 0x80 and the protocol number)."""
+    if head[:4] == b"PK\x03\x04":
+        return "a torch.save file (a zip archive holding a pickle)"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return f"a Python pickle (protocol {head[1]})"
+    return None
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from blora_network.errors import LoraFileError
+from blora_network.errors import count, LoraFileError
 from blora_network.files.algos import alpha_tensor, alpha_value, effective_alpha, module_scale, one_alpha, scale_tensors
 from blora_network.files.lorafile import LoraFile, LoraLayer, open_sdxl_lora
 from blora_network.files.measure import Progress, progress_bar
@@ -331,7 +331,7 @@ def extract(path, roles: Sequence[str], output, *, force: bool = False,
         weights = cumulative_weights(lora.metadata, {}, roles)
         meta = out.metadata(lora.metadata, [_source(lora, roles, {})], weights)
         skipped = len(lora.layers) - len(layers)
-        warn = [f"left out {skipped} layers outside the chosen blocks' attention layers"] if skipped else []
+        warn = [f"left out {count(skipped, 'layer')} outside the chosen blocks' attention layers"] if skipped else []
         return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=weights,
                       warnings=warn)
 
@@ -353,7 +353,7 @@ def convert(path, output, *, to: str = "kohya", force: bool = False,
     lora = open_sdxl_lora(path, need_blora=False)
     if lora.unparsed:
         raise LoraFileError(
-            f"{lora.path}: {len(lora.unparsed)} tensors are not LoRA layers this tool knows "
+            f"{lora.path}: {count(len(lora.unparsed), 'tensor')} {'is' if len(lora.unparsed) == 1 else 'are'} not LoRA layers this tool knows "
             f"(first: {lora.unparsed[0]!r}); nothing was converted"
         )
     if to == "kohya" and set(lora.spellings) == {"kohya"}:
