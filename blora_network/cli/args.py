@@ -9,7 +9,8 @@ import math
 
 from blora_network.sdxl.blocks import parse_roles
 
-__all__ = ["roles", "weight", "positive_int", "positive_number", "output_path", "Once", "refuse_repeats", "add_output_args"]
+__all__ = ["roles", "weight", "positive_int", "positive_number", "output_path", "Once", "refuse_repeats", "add_output_args",
+           "add_dtype_arg", "DTYPE_CHOICES"]
 
 
 def roles(value: str) -> list[str]:
@@ -109,6 +110,17 @@ def refuse_repeats(parser: argparse.ArgumentParser) -> None:
 @functools.lru_cache(maxsize=None)
 def _once_class(cls: type) -> type:
     return type(f"Once{cls.__name__}", (_OnceMixin, cls), {})
+
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+"""``--dtype``: the library's ``OUTPUT_DTYPES`` (files/algos.py), named here so that --help loads no torch."""
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """``--dtype``, for the writers that scale: a wider file than an fp8 source, where fp8 would round."""
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="write the layers in this dtype (default: each keeps its "
+                                                          "own; an fp8 file scaled by a weight that is not a power of "
+                                                          "two loses a few %% of dW to rounding)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,7 @@ from blora_network.errors import BLoraError, count
 from blora_network.sdxl.blocks import BLOCKS, ROLES
 from blora_network.sdxl.names import WRITE_SPELLINGS
 
-from .args import Once, add_output_args, output_path, positive_int, roles, weight
+from .args import Once, add_dtype_arg, add_output_args, output_path, positive_int, roles, weight
 from .subcommand import Output, Subcommand, human_size, printable, progress_bar
 
 __all__ = ["FILE_COMMANDS", "format_norm"]
@@ -158,6 +158,7 @@ def _add_combine(p) -> None:
         p.add_argument(f"--{role}-weight", type=weight, metavar="W", action=Once,
                        help=f"weight of the {role} block (default 1)")
     add_output_args(p)
+    add_dtype_arg(p)
 
 
 def _run_combine(args) -> Output:
@@ -174,7 +175,7 @@ def _run_combine(args) -> Output:
         sources.append(BlockSource(role, path, 1.0 if w is None else w))
     if not sources:
         raise BLoraError("nothing to combine: give --content FILE, --style FILE and/or --layout FILE")
-    return _written(combine(sources, args.output, force=args.force, progress=progress_bar(args)))
+    return _written(combine(sources, args.output, force=args.force, progress=progress_bar(args), dtype=args.dtype))
 
 
 def _add_scale(p) -> None:
@@ -182,6 +183,7 @@ def _add_scale(p) -> None:
     for role in ROLES:
         p.add_argument(f"--{role}", type=weight, metavar="W", action=Once, help=f"weight of the {role} block")
     add_output_args(p)
+    add_dtype_arg(p)
 
 
 def _run_scale(args) -> Output:
@@ -190,7 +192,8 @@ def _run_scale(args) -> Output:
     weights = {r: getattr(args, r) for r in ROLES if getattr(args, r) is not None}
     if not weights:
         raise BLoraError("no weight given: pass --content W, --style W and/or --layout W")
-    return _written(scale(args.file, weights, args.output, force=args.force, progress=progress_bar(args)))
+    return _written(scale(args.file, weights, args.output, force=args.force, progress=progress_bar(args),
+                          dtype=args.dtype))
 
 
 def _add_extract(p) -> None:

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from blora_network.errors import count, LoraFileError
+from blora_network.errors import LoraFileError, count
 from blora_network.sdxl.blocks import BLOCKS, lookup_block, role_of_kohya_name
 from blora_network.sdxl.names import (
     CONTEXT_WIDTH_MODEL,

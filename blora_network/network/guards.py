@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from blora_network.errors import count, NetworkArgsError
+from blora_network.errors import NetworkArgsError, count
 
 __all__ = ["guard_lokr", "lokr_bypass_leaves_out_scale"]
 

@@ -29,7 +29,7 @@ try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
 except ImportError:  # pragma: no cover - depends on the installed LyCORIS
     _LYCORIS_ALGOS = None
 
-from blora_network.errors import BLoraError, count, LoraFileError, NetworkArgsError, PresetError
+from blora_network.errors import BLoraError, LoraFileError, NetworkArgsError, PresetError, count
 from blora_network.files.algos import (
     algo_of_tensors,
     effective_alpha,

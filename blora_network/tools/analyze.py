@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from blora_network.errors import count, LoraFileError
+from blora_network.errors import LoraFileError, count
 from blora_network.files.lorafile import LoraFile, guess_model, open_sdxl_lora
 from blora_network.files.measure import layer_norm_sq
 from blora_network.sdxl.blocks import BLOCKS, block_at

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from blora_network.errors import BLoraError, count, LoraFileError
+from blora_network.errors import BLoraError, LoraFileError, count
 from blora_network.files.safefile import atomic_target, check_output_path
 from blora_network.sdxl.blocks import block_at
 from blora_network.sdxl.names import SDXL_TRANSFORMER_BLOCKS, block_order

@@ -21,8 +21,9 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from blora_network.errors import count, LoraFileError
-from blora_network.files.algos import alpha_tensor, alpha_value, effective_alpha, module_scale, one_alpha, scale_tensors
+from blora_network.errors import LoraFileError, count
+from blora_network.files.algos import (alpha_tensor, alpha_value, effective_alpha, module_scale, one_alpha, output_dtype,
+                                      scale_tensors, scaling_loss)
 from blora_network.files.lorafile import LoraFile, LoraLayer, open_sdxl_lora
 from blora_network.files.measure import Progress, progress_bar
 from blora_network.files.metadata import KEY_WEIGHTS, LayerRecord, cumulative_weights, source_entry, tool_metadata
@@ -52,6 +53,10 @@ class WrittenFile:
     """The weights this call applied (what the user asked for)."""
 
 
+FP8_LOSS_WORTH_SAYING = 0.005
+"""Half a percent of a layer's dW: less than a weight's own precision as users type it (0.7 vs 0.705)."""
+
+
 @dataclass
 class _Output:
     """The tensors and layer records of one file being assembled.
@@ -65,6 +70,17 @@ class _Output:
     names: list[str] = field(default_factory=list)
     """The kohya module name of each record."""
     settled: bool = False
+    losses: dict[str, float] = field(default_factory=dict)
+    """Per layer, the share of its scaled dW lost to fp8 rounding (:func:`scaling_loss`)."""
+
+    def rounding_warnings(self, weights: Mapping[str, float]) -> list[str]:
+        """One warning when fp8 rounding moved some layer's dW by :data:`FP8_LOSS_WORTH_SAYING` or more."""
+        if not self.losses or max(self.losses.values()) < FP8_LOSS_WORTH_SAYING:
+            return []
+        worst = max(self.losses, key=self.losses.get)
+        return [f"fp8 rounding: scaling by {', '.join(f'{w:g}' for w in weights.values() if w not in (0.0, 1.0))} "
+                f"changed the dW of {count(len(self.losses), 'fp8 layer')} by up to {100 * self.losses[worst]:.1f}% "
+                f"({worst}); pass --dtype bf16 (or fp16/fp32) to write a wider file that keeps it"]
 
     def roles(self) -> list[str]:
         present = {r.role for r in self.records if r.role}
@@ -103,13 +119,19 @@ def _kohya_entry(layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> dict[
 
 
 def _gather(lora: LoraFile, reader, layers: Sequence[LoraLayer], out: _Output, progress: Optional[Progress],
-            weights: Optional[Mapping[str, float]] = None, desc: str = "") -> None:
-    """Read ``layers`` (and only those), scale each by its block's weight, add them under kohya keys."""
+            weights: Optional[Mapping[str, float]] = None, desc: str = "", dtype=None) -> None:
+    """Read ``layers`` (and only those), cast them to ``dtype`` if given, scale each by its block's weight
+    (noting what fp8 rounding loses), add them under kohya keys."""
     weights = weights or {}
     for layer, tensors in reader.read(layers, progress=progress, desc=desc):
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         w = weights.get(layer.role, 1.0) if layer.role else 1.0
         if w != 1.0:
+            loss = scaling_loss(layer.algo, tensors, w)
             tensors = scale_tensors(layer.algo, tensors, w, name=layer.name, where=f"{lora.path}: ")
+            if loss is not None:
+                out.losses[layer.name] = loss
         out.add(lora, layer, tensors)
 
 
@@ -230,7 +252,7 @@ class BlockSource:
 
 
 def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
-            progress: Optional[Progress] = None) -> WrittenFile:
+            progress: Optional[Progress] = None, dtype: Optional[str] = None) -> WrittenFile:
     """The content block of one file, the style block of another (and a layout block), weighted.
 
     The output keeps the metadata of the first source (content when given) and records every
@@ -242,6 +264,7 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
     roles = [s.role for s in sources]
     if len(set(roles)) != len(roles):
         raise LoraFileError(f"each block can come from one file only; got {', '.join(roles)}")
+    cast = output_dtype(dtype)
     order = {r: i for i, r in enumerate(ROLES)}
     sources = sorted(sources, key=lambda s: order[s.role])
     loras = []
@@ -261,12 +284,13 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
         for s, lora in kept:
             reader = stack.enter_context(lora.reader())
             _gather(lora, reader, lora.role_layers(s.role), out, progress,
-                    weights={s.role: s.weight}, desc=f"reading {s.role} from {lora.path.name}")
+                    weights={s.role: s.weight}, desc=f"reading {s.role} from {lora.path.name}", dtype=cast)
             entries.append(_source(lora, [s.role], {s.role: s.weight}))
             weights.update(cumulative_weights(lora.metadata, {s.role: s.weight}, [s.role]))
         meta = out.metadata(kept[0][1].metadata, entries, weights)
         dropped = [s.role for s in sources if s.weight == 0.0]
         warn = [f"weight 0 leaves {', '.join(dropped)} out of the file"] if dropped else []
+        warn += out.rounding_warnings({s.role: s.weight for s, _ in kept})
         return _write(output, out, meta, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn,
                       applied={s.role: s.weight for s, _ in kept})
 
@@ -274,12 +298,15 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
 # -- scale ------------------------------------------------------------------------------------
 
 def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
-          progress: Optional[Progress] = None) -> WrittenFile:
+          progress: Optional[Progress] = None, dtype: Optional[str] = None) -> WrittenFile:
     """Bake per-block weights into a file: each block's dW is multiplied by its weight.
 
     Blocks not named keep weight 1; layers outside the B-LoRA blocks are copied unchanged;
-    a weight of 0 removes the block's layers.
+    a weight of 0 removes the block's layers. ``dtype`` (``bf16``, ``fp16``, ``fp32``) writes every
+    layer in that dtype; without it each keeps its own, and scaling an fp8 file by a weight that is not
+    a power of two rounds, which the file's warnings measure.
     """
+    cast = output_dtype(dtype)
     if not weights:
         raise LoraFileError("no weight given: name at least one of content, style and layout")
     weights = {lookup_block(r).role: _check_weight(r, w) for r, w in weights.items()}
@@ -291,7 +318,7 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
         raise LoraFileError(f"{lora.path}: every layer would be dropped (weight 0); nothing to write")
     out = _Output()
     with lora.reader() as reader:
-        _gather(lora, reader, keep, out, progress, weights=weights)
+        _gather(lora, reader, keep, out, progress, weights=weights, dtype=cast)
         for key in lora.unparsed:
             out.tensors[key] = reader.get(key)
         present = out.roles()
@@ -299,6 +326,7 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
         meta = out.metadata(lora.metadata, [_source(lora, present, weights)], baked)
         dropped = [r for r, w in weights.items() if w == 0.0]
         warn = [f"weight 0 removed the {', '.join(dropped)} block"] if dropped else []
+        warn += out.rounding_warnings(weights)
         return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=baked,
                       warnings=warn, applied=weights)
 
