@@ -330,6 +330,10 @@ def test_file_size_limit_is_named_too(small_lora, tmp_path):
     (["split", "{small}", "--out-dir", "{small}"], 1, ["{small}: is a file, not a folder"]),
     (["scale", "{small}", "--style", "0.5", "-o", "{tmp}"], 1, ["{tmp}: is a folder; give a file name ending in .safetensors"]),
     (["analyze", "{small}", "--plot", "{tmp}"], 1, ["{tmp}: is a folder; give a file name ending in .png"]),
+    (["scale", "{small}", "--style", "0.5", "-o", "{tmp}/" + "a" * 300 + ".safetensors"], 1,
+     ["File name too long (ENAMETOOLONG); choose a shorter name"]),
+    (["split", "{small}", "--out-dir", "{tmp}/" + "a" * 300], 1, ["File name too long (ENAMETOOLONG)"]),
+    (["analyze", "{small}", "--plot", "{tmp}/" + "a" * 300 + ".png"], 1, ["File name too long (ENAMETOOLONG)"]),
 ])
 def test_bad_paths_and_numbers_are_named(small_lora, tmp_path, capsys, argv, code, words):
     fill = dict(small=small_lora, tmp=tmp_path)

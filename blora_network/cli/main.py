@@ -131,7 +131,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             with _stdout_to_stderr() if as_json else contextlib.nullcontext(), _sigterm_interrupts(), \
                     writes.journal() as fates:
                 data, lines = command.run(args)
-        except (BLoraError, OSError) as e:  # OSError: disk full, permission denied while writing...
+        except (BLoraError, OSError) as e:  # OSError: disk full, permission denied, a name too long...
             print(f"{prefix} {_one_line(e)}", file=sys.stderr)
             return 1
         except MemoryError:
@@ -179,4 +179,6 @@ def _interrupted(e: KeyboardInterrupt, fates: Sequence[writes.FileFate]) -> str:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, BLoraError) and e.errno and e.filename:
+        e = writes.describe_os_error(e.filename, e.errno, "cannot use this path")  # not a bare "[Errno 36]"
     return printable(" ".join(str(e).split()))

@@ -212,7 +212,16 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
     """
     if not str(path).strip():
         raise LoraFileError(f"{option} {str(path)!r}: an empty file name; give a file name ending in {suffix}")
-    p = Path(path)
+    try:
+        return _check_output_path(Path(path), overwrite, inputs, option, suffix, suffixes)
+    except LoraFileError:
+        raise
+    except OSError as e:  # a name too long, a folder we may not look into
+        raise write_error(Path(path), e, "cannot use this path") from None
+
+
+def _check_output_path(p: Path, overwrite: bool, inputs: Sequence, option: str, suffix: str,
+                       suffixes: Sequence[str]) -> Path:
     if p.is_dir():  # before the suffix: "add .safetensors" would be the wrong fix for a folder
         raise LoraFileError(f"{p}: is a folder; give a file name ending in {suffix}, e.g. {p / ('out' + suffix)}")
     if suffixes and p.suffix.lower() not in suffixes:
@@ -239,19 +248,6 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
 
 # -- writing: user-actionable OS errors ---------------------------------------------------------------
 
-_FIXES = {
-    errno.ENOSPC: "free space on that disk or write elsewhere",
-    errno.EDQUOT: "free space within your disk quota or write elsewhere",
-    errno.EFBIG: "the file system or the process's file size limit (ulimit -f) is too small for it; write to "
-                 "another disk or raise the limit",
-    errno.EACCES: "write to a folder you may write to, or change its permissions",
-    errno.EPERM: "write to a folder you may write to, or change its permissions",
-    errno.EROFS: "that file system is read-only; write elsewhere",
-    errno.ENAMETOOLONG: "choose a shorter file name",
-    errno.EIO: "the disk or network share failed; check it and write elsewhere",
-    errno.ENOENT: "the folder was removed while writing; create it again or write elsewhere",
-    errno.EXDEV: "write within one file system",
-}
 _RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
@@ -269,9 +265,7 @@ def write_error(path: Path, error: BaseException, what: str = "cannot write") ->
         if found is None:
             return None if not isinstance(error, OSError) else LoraFileError(f"{path}: {what}: {error}")
         code = int(found.group(1))
-    name = errno.errorcode.get(code, f"errno {code}")
-    fix = _FIXES.get(code, "write elsewhere")
-    return LoraFileError(f"{path}: {what}: {os.strerror(code)} ({name}); {fix}")
+    return LoraFileError(writes.describe_os_error(path, code, what))
 
 
 # -- writing: temporary files and what is left of them -------------------------------------------------

@@ -19,6 +19,7 @@ Torch-free: the CLI imports it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import threading
@@ -28,7 +29,7 @@ from typing import Iterator, Optional
 
 from blora_network.errors import Terminated
 
-__all__ = ["FileFate", "journal", "record", "sigterm_raises"]
+__all__ = ["FileFate", "journal", "record", "sigterm_raises", "describe_os_error"]
 
 WRITING, WRITTEN, ABANDONED = "writing", "written", "abandoned"
 
@@ -109,3 +110,26 @@ def sigterm_raises() -> Iterator[None]:
         raise  # pragma: no cover - only when the signal is blocked
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+_FIXES = {
+    errno.ENOSPC: "free space on that disk or write elsewhere",
+    errno.EDQUOT: "free space within your disk quota or write elsewhere",
+    errno.EFBIG: "the file system or the process's file size limit (ulimit -f) is too small for it; write to "
+                 "another disk or raise the limit",
+    errno.EACCES: "write to a folder you may write to, or change its permissions",
+    errno.EPERM: "write to a folder you may write to, or change its permissions",
+    errno.EROFS: "that file system is read-only; write elsewhere",
+    errno.ENAMETOOLONG: "choose a shorter name",
+    errno.EIO: "the disk or network share failed; check it and write elsewhere",
+    errno.ENOENT: "a folder on the way is missing or was removed; create it or write elsewhere",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; fix the path",
+    errno.EXDEV: "write within one file system",
+}
+
+
+def describe_os_error(path, code: int, what: str = "cannot write") -> str:
+    """``PATH: cannot write: No space left on device (ENOSPC); free space ...``: an OS error the user can
+    act on, as one line naming the path, the error's meaning and its name, and a fix."""
+    name = errno.errorcode.get(code, f"errno {code}")
+    return f"{path}: {what}: {os.strerror(code)} ({name}); {_FIXES.get(code, 'use another path')}"
