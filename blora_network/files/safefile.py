@@ -495,6 +495,9 @@ def write_safetensors_hashed(
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())
+        except BaseException:
+            hasher.stop()  # a failed or interrupted write: the hash is not needed
+            raise
         finally:
             hasher.join()  # never leave the thread reading tensors of a failed write
     return p, model_hash, legacy_hash
@@ -509,12 +512,15 @@ class _HashInOrder:
 
         self._tensors, self._order, self._on_bytes = tensors, order, on_bytes
         self._out: dict = {}
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sshs-hash", daemon=True)
 
     def _run(self) -> None:
         try:
             h = hashlib.sha256()
             for k in self._order:
+                if self._stop.is_set():
+                    return
                 t = self._tensors[k]
                 if t.numel():
                     h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -527,9 +533,21 @@ class _HashInOrder:
     def start(self) -> None:
         self._thread.start()
 
+    def stop(self) -> None:
+        self._stop.set()
+
     def join(self) -> None:
-        if self._thread.is_alive():
-            self._thread.join()
+        """Wait for the thread, even through Ctrl-C or SIGTERM (raised again once it has ended): a
+        thread left inside torch when the interpreter exits aborts the process ("terminate called")."""
+        interrupted = None
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except KeyboardInterrupt as e:
+                interrupted = e
+                self._stop.set()
+        if interrupted is not None:
+            raise interrupted
 
     def result(self) -> str:
         self.join()
