@@ -2,7 +2,8 @@
 
 sd-scripts and our presets use the ``toml`` package (Python 3.10 has no ``tomllib``), whose
 messages are often beside the point: an unclosed ``[`` is "string index out of range" (a list)
-or "Key group not on a line by itself" (a table header). Every problem here is one line that
+or "Key group not on a line by itself" (a table header), and an array still open at the end of
+the file is read without a word, its last value cut short. Every problem here is one line that
 names the file, the line and the fix, raised as the caller's error class.
 """
 
@@ -40,9 +41,12 @@ def read_toml(path: Path, *, what: str, shown: Optional[str] = None, error: type
 def parse_toml(text: str, shown: str, *, error: type = BLoraError, syntax_hint: str = "fix the file") -> dict[str, Any]:
     """``toml.loads`` with the one-line syntax errors described in the module docstring."""
     try:
-        return toml.loads(text)
+        doc = toml.loads(text)
     except (toml.TomlDecodeError, IndexError, ValueError, TypeError) as e:
         raise _syntax_error(shown, text, e, error, syntax_hint) from None
+    if _unclosed_bracket(text) is not None:  # the toml package reads an array left open at the end of the
+        raise _syntax_error(shown, text, ValueError("unclosed"), error, syntax_hint) from None  # file, cutting its last value
+    return doc
 
 
 def _syntax_error(shown: str, text: str, err: Exception, error: type, hint: str) -> BLoraError:
@@ -63,11 +67,24 @@ def _unclosed_bracket(text: str) -> Optional[tuple[int, str]]:
     """``(line, its text)`` of the first ``[`` that is never closed, outside strings and comments."""
     stack: list[int] = []
     lines = text.splitlines()
+    multiline = None  # the delimiter of a multi-line string open since an earlier line
     for n, line in enumerate(lines, 1):
         quote = None
         i = 0
+        if multiline:
+            end = line.find(multiline)
+            if end < 0:
+                continue
+            i, multiline = end + 3, None
         while i < len(line):
             c = line[i]
+            if not quote and line.startswith(('"""', "'''"), i):
+                end = line.find(line[i:i + 3], i + 3)
+                if end < 0:
+                    multiline = line[i:i + 3]
+                    break
+                i = end + 3
+                continue
             if quote:
                 if c == "\\" and quote == '"':
                     i += 1

@@ -268,3 +268,18 @@ def recording_progress():
             self.closed = True
 
     return bars, Bar
+
+
+def write_sdxl_checkpoint(path, *, sd1: bool = False) -> Path:
+    """A single-file checkpoint with the key names of sd_xl_base_1.0.safetensors (SGM layout:
+    ``model.diffusion_model.`` UNet, ``conditioner.embedders.0/1`` text encoders,
+    ``first_stage_model.`` VAE), or SD1.x's (``cond_stage_model.``), one small tensor per part:
+    ``recipe --model`` reads only the names in the header."""
+    te = ("cond_stage_model.transformer.text_model.final_layer_norm.weight",) if sd1 else (
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+        "conditioner.embedders.1.model.ln_final.weight")
+    keys = ("model.diffusion_model.input_blocks.0.0.weight", "first_stage_model.decoder.conv_in.weight", *te)
+    if not sd1:
+        keys += ("model.diffusion_model.label_emb.0.0.weight",)
+    save_file({k: torch.zeros(2) for k in keys}, str(path))
+    return Path(path)

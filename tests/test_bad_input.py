@@ -24,7 +24,7 @@ from blora_network.errors import LoraFileError, NetworkArgsError, PresetError
 from blora_network.network.presets import builtin_names, load_preset
 from blora_network.files.safefile import MAX_METADATA_BYTES, load_tensors, read_metadata, write_safetensors_hashed
 from blora_network.sdxl.unet import TINY, build_unet
-from lora_factories import Layer, write_kohya, write_sd1
+from lora_factories import Layer, write_kohya, write_sd1, write_sdxl_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -309,6 +309,30 @@ CASES = [
                                                      "--preset", "contnet"), 1, ("unknown preset 'contnet'",)),
     Case("cli-recipe-zero-steps", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model", "m", "-o", tmp / "run",
                                                      "--steps", "0"), 1, ("--steps and --rank must be at least 1",)),
+    # recipe --model: the SDXL base model, not a LoRA, a stray folder or a typo
+    Case("cli-recipe-model-is-a-lora", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model", f, "-o", tmp / "run"),
+         1, ("blora.safetensors: a LoRA (", "lora_unet_", "not a checkpoint", "sd_xl_base_1.0.safetensors")),
+    Case("cli-recipe-model-is-a-folder", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model", tmp, "-o", tmp / "run"),
+         1, ("--model {tmp}: a folder without model_index.json and unet/",)),
+    Case("cli-recipe-model-missing", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model", tmp / "sdxl.safetensors",
+                                                        "-o", tmp / "run"), 1, ("--model {tmp}/sdxl.safetensors: not found",)),
+    Case("cli-recipe-model-sd15", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model",
+                                                     write_sdxl_checkpoint(tmp / "v1-5.safetensors", sd1=True), "-o", tmp / "run"),
+         1, ("an SD1.x/SD2.x checkpoint",)),
+    Case("cli-recipe-model-not-safetensors", lambda tmp, f: cli("recipe", image_folder(tmp, ["ok.png"]), "--model",
+                                                                preset_file(tmp, "notes", "model.safetensors"), "-o", tmp / "run"),
+         1, ("--model {tmp}/model.safetensors: not a", "give the SDXL base checkpoint")),
+    # check: a command line sd-scripts would stop on, files it must not take for a training config
+    Case("cli-check-ambiguous-option", lambda tmp, f: cli("check", "--", "--network_a", "4"), 1,
+         ("ambiguous option: --network_a could match --network_alpha, --network_args",)),
+    Case("cli-check-two-configs", lambda tmp, f: cli("check", tmp / "a.toml", tmp / "b.toml"), 1,
+         ("2 config files", "sd-scripts reads one training config")),
+    Case("cli-check-dataset-config", lambda tmp, f: cli("check", preset_file(tmp, "[[datasets]]\n[[datasets.subsets]]\n"
+                                                                                  "image_dir = 'x'\n", "d.toml")), 1,
+         ("{tmp}/d.toml: this is a dataset config (--dataset_config", "give the training config")),
+    Case("cli-check-unclosed-array-at-end", lambda tmp, f: cli("check", preset_file(tmp, "network_dim = 64\nnetwork_args = "
+                                                                                        "['preset=style'\n", "run.toml")),
+         1, ("{tmp}/run.toml:2: TOML syntax error: the '[' on line 2",)),
     # check: a config it cannot read
     Case("cli-check-missing-config", lambda tmp, f: cli("check", tmp / "run.toml"), 1, ("training config {tmp}/run.toml not found",)),
     Case("cli-check-toml-syntax", lambda tmp, f: cli("check", preset_file(tmp, "network_dim = 64\nnetwork_alpha = = 1\n", "run.toml")),

@@ -384,3 +384,24 @@ def test_inspect_json_gives_numbers_as_numbers(capsys, blora):
     assert code == 0
     assert training["dim"] == 4 and training["alpha"] == 4.0 and training["steps"] == 1000
     assert training["network module"] == "blora_network" and training["base model"] == "sd_xl_base_1.0.safetensors"
+
+
+def test_plan_builds_what_training_builds_from_a_presets_blora_table(capsys, tmp_path):
+    """`[blora] style_dim = 32, content_dim = 0`: the plan is the network create_network makes."""
+    from blora_network.network.presets import builtin_preset_text
+
+    preset = tmp_path / "mine.toml"
+    preset.write_text(builtin_preset_text("content_style") + "\n[blora]\nstyle_dim = 32\ncontent_dim = 0\n")
+    code, out, _ = run(capsys, "plan", "--preset", str(preset), "--dim", "64", "--json")
+    plan = json.loads(out)
+    assert code == 0 and [(b["block"], b["rank"], b["modules"]) for b in plan["blocks"]] == [("output_blocks.1.1", 32, 80)]
+    assert plan["params"] == 220_160 * 32 and "content: off (content_dim = 0 in the preset), not trained" in plan["notes"]
+    real = write_kohya(tmp_path / "style32.safetensors", full_attention_layers(["style"]), 32, dtype=torch.float16)
+    assert plan["file_bytes"]["fp16"] == real.stat().st_size
+
+
+def test_plan_refuses_an_empty_preset_as_training_does(capsys, tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    code, out, err = run(capsys, "plan", "--preset", str(empty), "--dim", "8")
+    assert_one_line_cli_error(code, out, err, f"preset 'empty' ({empty}) has no UNet targets", command="plan")

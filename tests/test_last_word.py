@@ -281,7 +281,7 @@ def test_recipe_on_a_full_disk_leaves_no_folder(full_disk, tmp_path, capsys):
     images = tmp_path / "photos"
     images.mkdir()
     Image.new("RGB", (1024, 1024)).save(images / "a.png")
-    code = cli("recipe", images, "--model", "sdxl.safetensors", "-o", full_disk / "run" / "configs")
+    code = cli("recipe", images, "--model", "stabilityai/stable-diffusion-xl-base-1.0", "-o", full_disk / "run" / "configs")
     out, err = capsys.readouterr()
     assert_one_line_cli_error(code, out, err, str(full_disk / "run" / "configs"), "No space left on device (ENOSPC)",
                               command="recipe")

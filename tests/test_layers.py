@@ -33,7 +33,7 @@ TORCH_FREE = [
     "blora_network.network", "blora_network.network.options", "blora_network.network.presets",
     "blora_network.files", "blora_network.files.writes", "blora_network.tools",
     "blora_network.sdscripts", "blora_network.sdscripts.args", "blora_network.sdscripts.images",
-    "blora_network.sdscripts.recipe", "blora_network.sdscripts.check",
+    "blora_network.sdscripts.recipe", "blora_network.sdscripts.check", "blora_network.sdscripts.kohya_gui",
     "blora_network.cli", "blora_network.cli.main", "blora_network.cli.args",
 ]
 HEAVY = ("torch", "lycoris", "safetensors", "numpy", "matplotlib", "PIL")

@@ -28,7 +28,7 @@ import blora_network
 from blora_network.tools import transforms
 from blora_network.files.algos import delta_weight, kohya_layers, one_alpha, rank_and_alpha, restate_alpha
 from blora_network.sdxl.blocks import role_of_kohya_name
-from blora_network.files.metadata import LayerRecord, network_dim_alpha
+from blora_network.files.algos import LayerRecord, network_dim_alpha
 from blora_network.files.safefile import load_tensors, read_metadata
 from blora_network.sdxl.names import diffusers_path_of_kohya_name
 from blora_network.sdxl.unet import TINY, build_unet, random_inputs

@@ -12,6 +12,7 @@ from PIL import Image
 
 from blora_network.cli.main import main as cli_main
 from blora_network.sdscripts.recipe import LOWVRAM, PAPER, toml_value
+from lora_factories import full_attention_layers, write_kohya, write_sdxl_checkpoint
 from sdscripts_schema import dataset_problems, real_sd_scripts, training_args, training_problems
 
 
@@ -35,8 +36,7 @@ def good(tmp_path) -> Path:
 
 
 def recipe(folder: Path, out: Path, *extra) -> int:
-    model = folder.parent / "sd_xl_base_1.0.safetensors"  # recipe only names it (it notes a model it cannot find)
-    model.touch()
+    model = write_sdxl_checkpoint(folder.parent / "sd_xl_base_1.0.safetensors")  # recipe reads its header only
     return cli("recipe", folder, "--model", model, "-o", out, *extra)
 
 
@@ -77,7 +77,7 @@ def test_missing_captions_small_images_and_ignored_files_are_named(tmp_path, cap
     (folder / "notes.md").write_text("shoot again at noon")
     assert recipe(folder, tmp_path / "out", "--steps", "900") == 0
     text = capsys.readouterr().out
-    assert "b.jpg: 640x480 (0.31 MP) is below SDXL's 1024x1024 px" in text
+    assert "b.jpg: 640x480 (0.31 MP): sd-scripts' bucketing enlarges it x1.87 to cover the 1152x896 bucket" in text
     assert "b.jpg: no caption file b.txt: it is trained with the caption 'A [v]' (class_tokens)" in text
     assert "c.txt: the caption 'a red sofa' does not contain the trigger token 'A [v]'" in text
     assert "d.Png (sd-scripts looks for .png or .PNG only" in text and "notes.md (not an image type" in text
@@ -180,3 +180,81 @@ def test_recipe_files_pass_sd_scripts_own_reader(good, tmp_path, monkeypatch):
     dataset = group.datasets[0]
     captions = sorted(info.caption for info in dataset.image_data.values())
     assert captions == ["A [v]", "A [v] dog sitting on the grass"]
+
+
+def test_model_as_sd_scripts_loads_it(good, tmp_path, capsys):
+    """A single-file SDXL checkpoint or a diffusers folder (model_index.json + unet/) or a Hugging Face
+    id pass (sdxl_train_util._load_target_model takes each); a LoRA or a bare folder does not."""
+    from blora_network.sdscripts.recipe import check_model
+
+    diffusers = tmp_path / "sdxl-diffusers"
+    (diffusers / "unet").mkdir(parents=True)
+    (diffusers / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')
+    assert check_model(str(diffusers)) == (str(diffusers.resolve()), None)
+    model, note = check_model("stabilityai/stable-diffusion-xl-base-1.0")
+    assert model == "stabilityai/stable-diffusion-xl-base-1.0" and "Hugging Face model id" in note
+    assert cli("recipe", good, "--model", diffusers, "-o", tmp_path / "run") == 0
+    assert toml.load(str(tmp_path / "run" / "dog.toml"))["model"]["pretrained_model_name_or_path"] == str(diffusers.resolve())
+    lora = write_kohya(tmp_path / "mine.safetensors", full_attention_layers(["style"])[:2], 4)
+    assert cli("recipe", good, "--model", lora, "-o", tmp_path / "run2") == 1
+    err = capsys.readouterr().err
+    assert "a LoRA (6 tensors, e.g. lora_unet_output_blocks_1_1_" in err and not (tmp_path / "run2").exists()
+
+
+def test_kohya_folder_layout_is_read_as_sd_scripts_reads_train_data_dir(tmp_path, capsys):
+    """`IMAGES/10_sks dog/*.png` (the kohya_ss GUI's dataset preparation): config_util's
+    generate_dreambooth_subsets_config_by_subdirs makes one subset per `N_tokens` folder."""
+    root = tmp_path / "img"
+    for sub in ("10_sks dog", "5_ink_wash", "misc", "0_off"):
+        (root / sub).mkdir(parents=True)
+    image(root / "10_sks dog" / "a.png", caption="a photo of sks dog")
+    image(root / "10_sks dog" / "b.png")
+    image(root / "5_ink_wash" / "c.png", caption="ink_wash painting")
+    image(root / "misc" / "d.png")
+    image(root / "e.png")
+    assert recipe(root, tmp_path / "out", "--steps", "100") == 0
+    text = capsys.readouterr().out
+    dataset = toml.load(str(tmp_path / "out" / "img_dataset.toml"))
+    assert dataset_problems(dataset) == []
+    assert dataset["datasets"][0]["subsets"] == [
+        {"image_dir": str((root / "10_sks dog").resolve()), "class_tokens": "sks dog", "num_repeats": 10},
+        {"image_dir": str((root / "5_ink_wash").resolve()), "class_tokens": "ink_wash", "num_repeats": 5},
+    ]
+    assert "3 image(s) (1024x1024)" in text and "2 kohya folder(s)" in text
+    assert "10_sks dog/b.png: no caption file b.txt: it is trained with the caption 'sks dog' (class_tokens)" in text
+    assert "misc/ (not N_class tokens" in text and "0_off/ (0 repeats" in text and "e.png (beside the N_class" in text
+    assert "an epoch is images x repeats = 25 steps at batch 1, and the run stops at max_train_steps 100, 4 epoch(s)" in text
+    sd, _ = real_sd_scripts()
+    if sd is not None:  # sd-scripts' own reader of the same folder
+        theirs = sd.config_util.generate_dreambooth_subsets_config_by_subdirs(str(root))
+        assert sorted((Path(s["image_dir"]).name, s["num_repeats"], s["class_tokens"]) for s in theirs) == [
+            ("10_sks dog", 10, "sks dog"), ("5_ink_wash", 5, "ink_wash")]
+
+
+def test_a_truncated_jpeg_stops_the_recipe_as_latent_caching_would(good, tmp_path, capsys):
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(0)
+    noise = Image.frombytes("RGB", (512, 512), bytes(rng.randrange(256) for _ in range(512 * 512 * 3)))
+    noise.save(tmp_path / "full.jpg", quality=90)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (good / "cut.jpg").write_bytes(data[: len(data) // 3])
+    with Image.open(good / "cut.jpg") as im:
+        im.verify()  # Pillow's structural check passes: only decoding finds the missing two thirds
+    assert recipe(good, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "sd-scripts would stop on 1 file(s): cut.jpg (broken image: image file is truncated" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_bucket_sizes_are_not_flagged_only_what_bucketing_enlarges(tmp_path, capsys):
+    folder = tmp_path / "sizes"
+    folder.mkdir()
+    for w, h in ((1216, 832), (832, 1216), (1344, 768), (1024, 1024), (2048, 1536), (1000, 1000)):
+        image(folder / f"{w}x{h}.png", size=(w, h), caption="A [v]")
+    assert recipe(folder, tmp_path / "out") == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == ["note: 1000x1000.png: 1000x1000 (1.00 MP): sd-scripts' bucketing enlarges it x1.02 to cover the "
+                     "1024x1024 bucket, and the blur is learned as part of the style; use a larger image if you have one"]

@@ -16,12 +16,12 @@ import torch
 from safetensors.torch import save_file
 
 from blora_network.cli.main import main as cli_main
-from blora_network.errors import LoraFileError, count
+from blora_network.errors import count
 from blora_network.files.lorafile import guess_model, open_lora, open_sdxl_lora
 from blora_network.files.metadata import cumulative_weights
 from blora_network.sdxl.names import other_architecture, sdxl_linear_shape
 from blora_network.sdxl.unet import FULL, TINY, linear_layers
-from lora_factories import Layer, assert_one_line_cli_error, full_attention_layers, kohya_name, layers_of, write_kohya
+from lora_factories import assert_one_line_cli_error, full_attention_layers, kohya_name, layers_of, write_kohya
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

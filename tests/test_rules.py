@@ -17,7 +17,7 @@ import torch
 import blora_network
 from blora_network.files.algos import effective_alpha
 from blora_network.cli.main import main
-from blora_network.files.metadata import LayerRecord, network_dim_alpha
+from blora_network.files.algos import LayerRecord, network_dim_alpha
 from blora_network.files.safefile import read_metadata
 from blora_network.sdxl.unet import TINY, build_unet
 from lora_factories import full_attention_layers, write_kohya

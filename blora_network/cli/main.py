@@ -126,6 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prefix = f"{PROG} {command.name}: error:"
     as_json = bool(getattr(args, "json", False))
     fates: list = []
+    data: Any = None
     try:
         try:
             with _stdout_to_stderr() if as_json else contextlib.nullcontext(), _sigterm_interrupts(), \
@@ -147,11 +148,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(_to_json(data) if as_json else "\n".join(lines))
         sys.stdout.flush()
         return int(getattr(data, "exit_status", 0))  # check: 1 when the run it read would fail
-    except BrokenPipeError:  # `blora-network ... | head`: the reader has all it wanted
+    except BrokenPipeError:  # `blora-network ... | head`: the reader has all it wanted; the verdict stands
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 0
+        return int(getattr(data, "exit_status", 0))
 
 
 @contextlib.contextmanager

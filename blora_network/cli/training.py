@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from blora_network.errors import BLoraError, count
-from blora_network.sdscripts.check import check_command_line, check_config
+from blora_network.sdscripts.check import check_arguments
 from blora_network.sdscripts.recipe import PAPER, write_recipe
 from blora_network.sdxl.blocks import lookup_block
 from blora_network.tools import demo
@@ -67,11 +67,11 @@ def _run_plan(args) -> Output:
 
     result = plan(args.preset, args.dim)
     lines = [f"preset {result.preset} ({result.source}) at rank {result.dim} on sd-scripts' full-size SDXL UNet",
-             f"  {'block':<20} {'role':<8} {'layers':>6} {'parameters':>13}"]
+             f"  {'block':<20} {'role':<8} {'rank':>5} {'layers':>6} {'parameters':>13}"]
     for b in result.blocks:
-        lines.append(f"  {b.block:<20} {b.role or '-':<8} {b.modules:>6} {b.params:>13,}")
+        lines.append(f"  {b.block:<20} {b.role or '-':<8} {b.rank:>5} {b.modules:>6} {b.params:>13,}")
         lines += [f"      {layer}" for layer in b.layers] if args.list else [f"      {_layer_kinds(b.layers)}"]
-    lines.append(f"  {'total':<20} {'':<8} {result.modules:>6} {result.params:>13,}")
+    lines.append(f"  {'total':<20} {'':<8} {'':>5} {result.modules:>6} {result.params:>13,}")
     fb, ob = result.file_bytes, result.optimizer_bytes
     lines.append(f"file size: fp16 {human_size(fb['fp16'])}, bf16 {human_size(fb['bf16'])}, fp32 {human_size(fb['fp32'])} "
                  "(plus training metadata, usually a few KiB)")
@@ -137,10 +137,12 @@ def _run_demo(args) -> Output:
 
 def _add_recipe(p) -> None:
     p.add_argument("images", metavar="IMAGES", help="folder of training images (one is enough for B-LoRA), with "
-                                                    "optional caption files NAME.txt")
+                                                    "optional caption files NAME.txt; or the kohya layout "
+                                                    "IMAGES/N_class tokens/ (N repeats)")
     p.add_argument("--model", required=True, metavar="SDXL.safetensors", help="the SDXL base checkpoint to train on")
     p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", type=output_path,
-                   help="folder for NAME.toml and NAME_dataset.toml (created if missing); the LoRA is saved there too")
+                   help="folder for NAME.toml, NAME_dataset.toml and NAME_kohya_gui.json (created if missing); the LoRA "
+                        "is saved there too")
     p.add_argument("--name", help="name of the run and of the files (default: the image folder's name)")
     p.add_argument("--preset", default="content_style", help="built-in preset or a preset TOML (default content_style)")
     p.add_argument("--token", default=PAPER.token, help=f"trigger token, the caption of an image without a caption "
@@ -159,12 +161,16 @@ def _scan_lines(result) -> list[str]:
     captions = sum(1 for i in images if i.caption_file)
     sizes = sorted({f"{i.width}x{i.height}" for i in images})
     shown = ", ".join(sizes[:6]) + (f" and {count(len(sizes) - 6, 'more size')}" if len(sizes) > 6 else "")
+    token = (f"{len(scan.subsets)} kohya folder(s) N_class tokens" if scan.kohya_layout else
+             f"trigger token {scan.token!r}")
     lines = [f"{scan.folder}: {len(images)} image(s) ({shown}), {captions} with a caption file "
-             f"({scan.caption_extension}), trigger token {scan.token!r}"]
+             f"({scan.caption_extension}), {token}"]
+    lines += [f"  {Path(s.image_dir).name}/: {s.images} image(s), {s.num_repeats} repeats, class tokens {s.class_tokens!r}"
+              for s in scan.subsets if scan.kohya_layout]
     for i in images:
         token = "with" if i.has_token else "WITHOUT"
         cap = (f"caption {i.caption!r} ({token} the token)" if i.caption_file else
-               f"no caption file (caption {scan.token!r} from class_tokens)")
+               f"no caption file (caption {i.class_tokens!r} from class_tokens)")
         lines.append(f"  {Path(i.file).name}: {i.width}x{i.height}, {cap}")
     return lines
 
@@ -178,32 +184,37 @@ def _run_recipe(args) -> Output:
     lines = _scan_lines(result) + [f"note: {n}" for n in result.notes]
     lines.append(f"wrote {result.training_config} (training config: preset {result.preset}, rank {result.rank}, alpha "
                  f"{result.rank}, AdamW lr {PAPER.learning_rate:g} constant, {result.steps} steps, batch 1, 1024 px, bf16)")
-    lines.append(f"wrote {result.dataset_config} (dataset config: {result.num_repeats} repeats per image, so one epoch "
-                 "covers the run)")
+    if result.num_repeats is not None:
+        lines.append(f"wrote {result.dataset_config} (dataset config: {result.num_repeats} repeats per image, so one "
+                     "epoch covers the run)")
+    else:
+        epochs = result.steps / result.epoch_steps
+        lines.append(f"wrote {result.dataset_config} (dataset config: one subset per kohya folder, with its repeats and "
+                     f"class tokens; an epoch is images x repeats = {result.epoch_steps} steps at batch 1, and the run "
+                     f"stops at max_train_steps {result.steps}, {epochs:.3g} epoch(s))")
     for o in result.lowvram:
         lines.append(f"--lowvram: {o.key} = {str(o.value).lower()}: {o.why} (sd-scripts {o.source})")
     lines += [f"--lowvram leaves out {k}: {why}" for k, why in result.lowvram_left_out.items()]
     lines += ["run it from your sd-scripts folder:", f"  {result.command}",
               "options given after it override the file, e.g. --max_train_steps 1500 --learning_rate 4e-5"]
+    lines += [f"wrote {result.gui_preset} (the same run for the kohya_ss GUI: copy it into the GUI's "
+              "presets/lora/user_presets/ folder and pick it in the LoRA tab's Parameters > Presets, or open it with "
+              "Configuration > Open; it reads the images through the dataset config, so the GUI's "
+              "'N_token class' subfolder layout is not needed)"]
     return result, lines
 
 
 # -- check --------------------------------------------------------------------------------------
 
 def _add_check(p) -> None:
-    p.add_argument("words", nargs="*", metavar="CONFIG.toml | -- ARGS",
-                   help="an sd-scripts training config (--config_file), or after -- the sd-scripts command line "
-                        "(accelerate launch sdxl_train_network.py ... or just its options)")
+    p.add_argument("words", nargs="*", metavar="CONFIG.toml | CONFIG.json | -- ARGS",
+                   help="an sd-scripts training config (--config_file) or a kohya_ss GUI config or preset (.json); "
+                        "after -- the sd-scripts command line (accelerate launch sdxl_train_network.py ... or just "
+                        "its options); CONFIG.toml -- ARGS reads as --config_file CONFIG.toml ARGS")
 
 
 def _run_check(args) -> Output:
-    words = [w for w in args.words if w != "--"]
-    if not words:
-        raise BLoraError("nothing to check: give CONFIG.toml, or -- followed by the sd-scripts command line")
-    if len(words) == 1 and not words[0].startswith("-"):
-        report = check_config(words[0])
-    else:
-        report = check_command_line(words)
+    report = check_arguments(args.words)
     lines = [f"{f.severity}: {f.key}: {f.message}" for f in report.findings]
     verdict = ("would fail: fix the errors above before training" if report.errors else
                "ok to train" + (" (see the warnings)" if report.warnings else ": every value follows the B-LoRA recipe"))
@@ -219,7 +230,8 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "plan", "dry run: what a preset trains at a rank, file size, optimizer memory",
         "Without any model file: the layers a preset (built-in name or TOML path) trains on sd-scripts' "
-        "full-size SDXL UNet, per block; the parameter count (220,160 x dim per B-LoRA block); the file size "
+        "full-size SDXL UNet, per block, built as training builds it (a preset's [blora] dims, 0 turning a "
+        "block off); the parameter count (220,160 x rank per B-LoRA block); the file size "
         "at fp16/bf16/fp32; and the adapter's AdamW memory. A preset that selects nothing is refused, as "
         "training would refuse it.",
         "  blora-network plan --preset content_style --dim 64\n"
@@ -227,8 +239,10 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
     Subcommand("demo", _DEMO_HELP, _DEMO_DESCRIPTION, _DEMO_EXAMPLE, _add_demo, _run_demo),
     Subcommand(
         "recipe", "a folder of images -> the paper's sd-scripts run (training + dataset config, command)",
-        "Check IMAGES as sd-scripts will read them (images, sizes below 1024 px, caption files and the trigger "
-        "token, files it would stop on), then write OUT_DIR/NAME.toml (--config_file: the B-LoRA recipe: "
+        "Check IMAGES as sd-scripts will read them (images, sizes its bucketing enlarges, caption files and the "
+        "trigger token, files it would stop on, truncated images included; a kohya folder layout IMAGES/10_sks dog/ "
+        "is read as sd-scripts reads it: 10 repeats, class tokens 'sks dog'), then write OUT_DIR/NAME.toml "
+        "(--config_file: the B-LoRA recipe: "
         "blora_network, rank 64 = alpha, UNet only, AdamW 5e-5 constant, 1000 steps, batch 1, 1024 px, bf16, "
         "gradient checkpointing, cached latents) and OUT_DIR/NAME_dataset.toml (--dataset_config), and print "
         "the accelerate launch line. --lowvram adds sd-scripts' memory savers for a 12 GB card.",
@@ -237,13 +251,17 @@ TRAINING_COMMANDS: tuple[Subcommand, ...] = (
         _add_recipe, _run_recipe),
     Subcommand(
         "check", "name every B-LoRA mistake in an sd-scripts config or command line, before the run",
-        "Read an sd-scripts training config (--config_file TOML) or, after --, its command line, and report "
+        "Read an sd-scripts training config (--config_file TOML), a kohya_ss GUI config or preset (JSON: the GUI's "
+        "traps first, then the run it would start) or, after --, its command line, and report "
         "every B-LoRA mistake: network_module, alpha= different from dim, text-encoder training, a learning "
         "rate far from the recipe, a resolution that is not SDXL's, a preset that does not resolve, "
         "network_args the network would reject at step 0 (it runs the network's own validation on SDXL's "
-        "layer names), values sd-scripts would stop on. Exit 1 when the run would fail, 0 otherwise.",
+        "layer names), values sd-scripts would stop on. A command line is read as sd-scripts' parser reads it "
+        "(every option, abbreviations, --config_file first and the options over it; any other word is "
+        "'unrecognized arguments'). Exit 1 when the run would fail, 0 otherwise.",
         "  blora-network check runs/dog/dog.toml\n"
-        "  blora-network check -- --config_file runs/dog/dog.toml --learning_rate 1e-4\n"
+        "  blora-network check runs/dog/dog.toml -- --learning_rate 1e-4\n"
+        "  blora-network check runs/dog/dog_kohya_gui.json\n"
         "  blora-network check --json -- accelerate launch sdxl_train_network.py --network_module blora_network ...",
         _add_check, _run_check),
 )

@@ -30,13 +30,12 @@ A1111/Forge and diffusers. The rule lives here, used by the file tools and the t
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from blora_network.errors import LoraFileError
-
-from .metadata import LayerRecord, network_dim_alpha
 
 __all__ = [
     "FP8_DTYPES",
@@ -183,6 +182,43 @@ def rank_and_alpha(algo: str, tensors: Mapping[str, torch.Tensor]) -> tuple[Opti
     """``(rank, effective alpha)`` of a layer; a full-matrix LoKr has neither (its scale is 1)."""
     rank = rank_of(algo, layer_shape(tensors))
     return rank, effective_alpha(alpha_value(tensors), rank)
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """What a file's description needs to know of one layer as stored: its block, rank and alpha."""
+
+    role: Optional[str]
+    """``content``, ``style``, ``layout`` or None."""
+    rank: Optional[int]
+    alpha: Optional[float]
+    """The effective alpha (:func:`effective_alpha`)."""
+
+
+def layer_record(name: str, role: Optional[str], tensors: Mapping[str, torch.Tensor], *,
+                 rank_if_unknown: Optional[int] = None) -> LayerRecord:
+    """A layer as the metadata sees it, read from its tensors as they are stored (alpha missing means rank).
+
+    The one way a written file's description is derived, for training saves and tool outputs alike.
+    ``rank_if_unknown``: the rank of an algorithm with no rank rule here (LyCORIS's ``lora_dim``).
+    """
+    algo = algo_of_tensors(name, tensors) if tensors else "other"
+    if algo == "other":
+        return LayerRecord(role, rank_if_unknown, None)
+    rank, alpha = rank_and_alpha(algo, tensors)
+    return LayerRecord(role, rank, alpha)
+
+
+def network_dim_alpha(records: Iterable[LayerRecord]) -> tuple[Optional[int], Optional[float]]:
+    """The file's ``ss_network_dim``/``ss_network_alpha``: the largest rank, and the largest alpha among the
+    layers of that rank (a file whose blocks differ in rank is described by its largest, as sd-scripts'
+    loaders expect; :func:`one_alpha` gives every LoRA layer that alpha)."""
+    ranked = [(r.rank, r.alpha) for r in records if r.rank is not None]
+    if not ranked:
+        return None, None
+    top = max(rank for rank, _ in ranked)
+    alphas = [a for rank, a in ranked if rank == top and a is not None]
+    return top, (max(alphas) if alphas else None)
 
 
 def module_scale(algo: str, tensors: Mapping[str, torch.Tensor]) -> float:
@@ -382,7 +418,7 @@ def restate_alpha(tensors: Mapping[str, torch.Tensor], alpha: torch.Tensor, *, d
 def one_alpha(state: Mapping[str, torch.Tensor], *, dtype=None) -> dict[str, torch.Tensor]:
     """A kohya state dict whose LoRA layers all store one alpha, every layer's dW unchanged.
 
-    The alpha is the one :func:`blora_network.files.metadata.network_dim_alpha` names (the largest
+    The alpha is the one :func:`network_dim_alpha` names (the largest
     rank's largest alpha), so ``ss_network_alpha`` is every LoRA layer's alpha. Layers that
     already store it are left as they are: a file with one alpha comes back unchanged,
     tensor for tensor. LoHa/LoKr layers keep their own alpha (diffusers loads no LyCORIS

@@ -4,7 +4,7 @@ safetensors metadata is ``str -> str``; structured values are JSON. Two writers 
 ``BLoRANetwork.save_weights`` and the file tools, and both go through this module so a
 training save and, say, ``scale --content 1 --style 1`` of it say the same thing.
 
-The one rule for ``ss_network_dim`` / ``ss_network_alpha`` (:func:`network_dim_alpha`): the
+The one rule for ``ss_network_dim`` / ``ss_network_alpha`` (:func:`blora_network.files.algos.network_dim_alpha`): the
 dim is the largest rank in the file, and the alpha is the largest alpha among the layers of
 that rank (alphas are effective alphas: a missing alpha means alpha = rank). A file whose
 blocks differ in rank is described by its largest block, as sd-scripts' own loaders expect;
@@ -24,10 +24,11 @@ tool has to guess.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from blora_network.sdxl.blocks import BLOCKS, ROLES
+
+from .algos import LayerRecord, network_dim_alpha
 
 __all__ = [
     "KEY_VERSION",
@@ -41,8 +42,6 @@ __all__ = [
     "KEY_DEMO",
     "HASH_KEYS",
     "STALE_KEYS",
-    "LayerRecord",
-    "network_dim_alpha",
     "blora_metadata",
     "training_metadata",
     "tool_metadata",
@@ -66,27 +65,6 @@ HASH_KEYS = ("sshs_model_hash", "sshs_legacy_hash")
 """The hashes of the tensors sd-scripts stores so UIs need not hash the file; the writer fills them."""
 STALE_KEYS = HASH_KEYS + ("modelspec.hash_sha256",)
 """Keys a new file must not inherit from its source: they describe the source's tensors."""
-
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """What the metadata needs to know of one written layer."""
-
-    role: Optional[str]
-    """``content``, ``style``, ``layout`` or None."""
-    rank: Optional[int]
-    alpha: Optional[float]
-    """The effective alpha (:func:`blora_network.files.algos.effective_alpha`)."""
-
-
-def network_dim_alpha(records: Iterable[LayerRecord]) -> tuple[Optional[int], Optional[float]]:
-    """The largest rank, and the largest alpha among the layers of that rank (see the module docstring)."""
-    ranked = [(r.rank, r.alpha) for r in records if r.rank is not None]
-    if not ranked:
-        return None, None
-    top = max(rank for rank, _ in ranked)
-    alphas = [a for rank, a in ranked if rank == top and a is not None]
-    return top, (max(alphas) if alphas else None)
 
 
 def _per_role(records: Sequence[LayerRecord]) -> tuple[list[str], dict[str, int], dict[str, float]]:

@@ -479,8 +479,8 @@ def write_safetensors_hashed(
     order = _data_order(contiguous)
     hasher = _HashInOrder(contiguous, order, on_bytes)
     with atomic_target(p) as tmp:
-        hasher.start()
         try:
+            hasher.start()  # inside the try: a signal can land while start() waits for the thread to run
             st_save_file(contiguous, tmp, metadata=meta)
             with open(tmp, "rb+") as f:
                 if durable:

@@ -1,8 +1,11 @@
 """What the installed LyCORIS gets wrong, found by measuring it, and how the network guards against it.
 
 Each guard names the fault and the fix in its message. The merge fault (LoHa/LoKr merged at
-(alpha/dim)^2) is avoided in :mod:`blora_network.network.merge`; the LoKr faults are here. Facts in
-``shared/reference/lycoris-notes.md``.
+(alpha/dim)^2) is avoided in :mod:`blora_network.network.merge`; the LoKr faults are here. The facts,
+as read in lycoris-lora's ``lycoris/modules/lokr.py`` and measured: its rank-dropout mask is built with
+``torch.rand(weight.size(0))`` on the CPU and not moved to the weight's device (LoHa and LoCon move it;
+still so in 4.1.3); in 3.x ``bypass_forward_diff`` does not multiply by ``self.scale`` (4.0 does), which
+:func:`lokr_bypass_leaves_out_scale` asks the installed version directly.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ HOST_CALLS: tuple[HostCall, ...] = (
              "create_network_from_weights(m, file, vae, te, unet, for_inference=True)", False,
              "AttributeError", "blora_network: exact for every algorithm (merge.py)"),
     HostCall("prepare_network", TRAINING, "prepare_network(args) right after create_network", True,
-             "skipped", "blora_network: refuses --fp8_base in rebuild mode and --deepspeed --zero_stage 3"),
+             "skipped", "blora_network: refuses --fp8_base in rebuild mode, --deepspeed --zero_stage 3 and a --network_args key given twice"),
     HostCall("apply_max_norm_regularization", TRAINING, "looked up at setup; with --scale_weight_norms each step: "
              "apply_max_norm_regularization(max_norm, device) -> (keys_scaled, mean_norm, max_norm)", True,
              "a warning, and --scale_weight_norms is turned off",

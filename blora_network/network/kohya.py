@@ -31,14 +31,15 @@ except ImportError:  # pragma: no cover - depends on the installed LyCORIS
 
 from blora_network.errors import BLoraError, LoraFileError, NetworkArgsError, PresetError, count
 from blora_network.files.algos import (
-    algo_of_tensors,
+    LayerRecord,
     effective_alpha,
     kohya_layers,
+    layer_record,
+    network_dim_alpha,
     one_alpha,
-    rank_and_alpha,
     restate_alpha,
 )
-from blora_network.files.metadata import LayerRecord, network_dim_alpha, training_metadata
+from blora_network.files.metadata import training_metadata
 from blora_network.files.safefile import PICKLE_SUFFIXES, load_weights_file, save_pickle, write_safetensors_hashed
 from blora_network.sdxl.blocks import ROLES, role_of_kohya_name
 from blora_network.sdxl.names import kohya_module_name, text_encoder_index
@@ -46,7 +47,16 @@ from blora_network.sdxl.names import kohya_module_name, text_encoder_index
 from .guards import guard_lokr
 from .merge import WeightBackup, merge_module
 from .modelcheck import check_preset_matches, unwrap_unet
-from .options import LORAPLUS_KEYS, NetworkOptions, block_algo_map, choose_bypass, lycoris_kwargs, parse_network_args
+from .options import (
+    LORAPLUS_KEYS,
+    NetworkOptions,
+    block_algo_map,
+    choose_bypass,
+    gui_network_args,
+    lycoris_kwargs,
+    parse_network_args,
+    refuse_repeated_keys,
+)
 from .presets import Preset, load_preset
 from .regions import InferenceHooks, RegionState
 
@@ -121,14 +131,13 @@ def _role_of_lora(lora_name: str) -> str:
 
 
 def _record(lora, tensors=None) -> LayerRecord:
-    """A LyCORIS module as the metadata sees it: its role, rank and effective alpha (one host read).
+    """A LyCORIS module as the metadata sees it (:func:`~blora_network.files.algos.layer_record`).
 
-    ``tensors``: the module's tensors as they are saved, when not its own state.
+    ``tensors``: the module's tensors as they are saved, when not its own state (one host read).
     """
     tensors = lora.state_dict() if tensors is None else tensors
-    algo = algo_of_tensors(lora.lora_name, tensors)
-    rank, alpha = rank_and_alpha(algo, tensors) if algo != "other" else (getattr(lora, "lora_dim", None), None)
-    return LayerRecord(role=_role_of_lora(lora.lora_name), rank=rank, alpha=alpha)
+    return layer_record(lora.lora_name, _role_of_lora(lora.lora_name), tensors,
+                        rank_if_unknown=getattr(lora, "lora_dim", None))
 
 
 def _caller_understands_descriptions() -> bool:
@@ -237,6 +246,7 @@ class BLoRANetwork(LycorisNetworkKohya):
 
         It runs before ``accelerator.prepare`` wraps anything, so a refusal costs no model load.
         """
+        refuse_repeated_keys(getattr(args, "network_args", None))
         if getattr(args, "deepspeed", False) and int(getattr(args, "zero_stage", 2) or 0) >= 3:
             raise NetworkArgsError(
                 "--deepspeed --zero_stage 3 cannot train LyCORIS adapters: they replace each adapted layer's "
@@ -529,6 +539,7 @@ def _warn_alpha(options: NetworkOptions, network_alpha: Any) -> None:
 def network_options(network_dim, network_alpha, neuron_dropout=None, **kwargs) -> tuple[Preset, NetworkOptions]:
     """The preset and typed options ``create_network`` would use, or the error it would raise
     before touching the model (``blora-network check`` runs this too)."""
+    kwargs = gui_network_args(kwargs)
     raw_preset = kwargs.get("preset")
     preset = load_preset(str(raw_preset) if raw_preset is not None else None)
     if neuron_dropout is not None and kwargs.get("dropout") is None:

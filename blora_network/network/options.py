@@ -19,8 +19,9 @@ from typing import Any, Mapping, Optional, Union
 from blora_network.errors import NetworkArgsError
 from blora_network.sdxl.blocks import BLOCKS, ROLES
 
-__all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "LYCORIS_OPTIONS", "LORAPLUS_KEYS",
-           "choose_bypass", "block_algo_map", "lycoris_kwargs"]
+__all__ = ["NetworkOptions", "parse_bool", "parse_network_args", "refuse_repeated_keys", "LYCORIS_OPTIONS",
+           "LORAPLUS_KEYS", "choose_bypass", "block_algo_map", "lycoris_kwargs", "gui_network_args", "GUI_REFUSED",
+           "LYCORIS_PRESETS"]
 
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
@@ -53,6 +54,7 @@ LYCORIS_OPTIONS: dict[str, type] = {
     "loraplus_lr_ratio": float,
     "loraplus_unet_lr_ratio": float,
     "loraplus_text_encoder_lr_ratio": float,
+    "train_on_input": bool,  # iA3: scale the layer's input instead of its output (the GUI's "iA3 train on input")
 }
 # Our own keys.
 _OWN_KEYS: dict[str, type] = {
@@ -213,8 +215,35 @@ def parse_network_args(
     return options
 
 
+def refuse_repeated_keys(items) -> None:
+    """A key given twice in ``--network_args`` (``preset=content_style preset=style``) is an error.
+
+    sd-scripts builds ``create_network``'s keyword arguments with a dict, so the last one wins and
+    the network never sees the first: the raw list (``prepare_network``'s ``args.network_args``,
+    or what ``check`` reads) is the only place the repeat shows. The same item twice loses nothing and
+    passes: the kohya_ss GUI writes ``use_tucker=...`` twice for its LoCon and LoHa types.
+    """
+    seen: dict[str, str] = {}
+    for item in items or ():
+        if not isinstance(item, str) or "=" not in item:
+            continue
+        key = item.split("=", 1)[0]
+        if key in seen and seen[key] != item:
+            raise NetworkArgsError(f"network_args gives {key} twice ({seen[key]!r} and {item!r}): sd-scripts keeps "
+                                   "only the last one and drops the other silently; give each key once")
+        seen[key] = item
+
+
 LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 """Ours, kept on the network for its optimizer groups; never LyCORIS constructor arguments."""
+
+
+_NO_BYPASS = {
+    "full": "LyCORIS's full fine-tuning has no bypass mode (LyCORIS stops: bypass mode is not supported)",
+    "dylora": "LyCORIS's DyLoRA fails in bypass mode at the first training step (a matmul shape error; "
+              "lycoris-lora 4.1.3, probed)",
+}
+"""Algorithms that only run in rebuild mode."""
 
 
 def choose_bypass(options: NetworkOptions) -> bool:
@@ -224,10 +253,14 @@ def choose_bypass(options: NetworkOptions) -> bool:
     and runs a second full-size matmul, so bypass is cheaper for every rank below ~640 on
     SDXL's 1280-wide layers. Bypass is also the only mode where ``dropout`` acts and where
     fp8 base weights (``--fp8_base``) work. DoRA is dropped silently in bypass mode, so DoRA
-    gets rebuild mode.
+    gets rebuild mode, and so do the algorithms in :data:`_NO_BYPASS` (the kohya_ss GUI's
+    "LyCORIS/Native Fine-Tuning" and "LyCORIS/DyLoRA" types send them without a bypass_mode).
     """
     if options.bypass_mode is None:
-        return not options.dora
+        return not options.dora and options.algo not in _NO_BYPASS
+    if options.bypass_mode and options.algo in _NO_BYPASS:
+        raise NetworkArgsError(f"network_args bypass_mode=true with algo={options.algo}: {_NO_BYPASS[options.algo]}; "
+                               "remove bypass_mode (auto picks rebuild mode for it)")
     if options.bypass_mode and options.dora:
         raise NetworkArgsError(
             "network_args bypass_mode=true with dora_wd=true: LyCORIS drops DoRA in bypass mode; "
@@ -271,3 +304,87 @@ def lycoris_kwargs(options: NetworkOptions, *, multiplier: float, bypass: bool) 
         lyco.pop(key, None)
     kwargs.update(lyco)
     return kwargs
+
+
+# -- what the kohya_ss GUI hands over (bmaltais/kohya_ss 45088f04, v26: sd-scripts v0.11.1) ----------
+
+GUI_QUOTE = "'"
+"""The GUI passes each Additional-parameters word through ``shlex.quote`` to a process started without
+a shell, so a word with a character outside ``[A-Za-z0-9_@%+=:,./-]`` arrives wrapped in ``'``."""
+
+LYCORIS_PRESETS = ("attn-mlp", "attn-only", "full", "full-lin", "unet-transformer-only", "unet-convblock-only")
+"""The GUI's "LyCORIS Preset" choices (lora_gui.py LYCORIS_PRESETS_CHOICES): LyCORIS's names, not ours."""
+
+_BLOCKS_INSTEAD = ("B-LoRA trains only its preset's blocks: clear the field and set content_dim=, style_dim=, "
+                   "content_lr=, style_lr= (0 turns a block off) after --network_args in Additional parameters")
+_BLOCK_LR = ("per-block learning-rate weights over sd-scripts' 23 SDXL blocks", _BLOCKS_INSTEAD)
+_BLOCK_DIM = ("per-block ranks over sd-scripts' 23 SDXL blocks", _BLOCKS_INSTEAD)
+GUI_REFUSED: dict[str, tuple[str, str, str]] = {
+    "down_lr_weight": ("Down LR weights", *_BLOCK_LR),
+    "mid_lr_weight": ("Mid LR weights", *_BLOCK_LR),
+    "up_lr_weight": ("Up LR weights", *_BLOCK_LR),
+    "block_lr_zero_threshold": ("Blocks LR zero threshold", *_BLOCK_LR),
+    "block_dims": ("Block dims", *_BLOCK_DIM),
+    "block_alphas": ("Block alphas", *_BLOCK_DIM),
+    "conv_block_dims": ("Conv dims", *_BLOCK_DIM),
+    "conv_block_alphas": ("Conv alphas", *_BLOCK_DIM),
+    "unit": ("DyLoRA Unit / Block size", "networks.dylora's rank unit (LoRA type Kohya DyLoRA)",
+             "for DyLoRA on B-LoRA's blocks choose LoRA type LyCORIS/DyLoRA with a B-LoRA preset file as its LyCORIS "
+             "Preset, or set LoRA type Standard"),
+}
+"""Network args the GUI writes (lora_gui.py train_model: types Standard, Kohya LoCon, LoRA-FA, Kohya
+DyLoRA) whose meaning in sd-scripts' ``networks.lora``/``networks.dylora`` a B-LoRA network cannot
+have: (field label, what it means there, what to do instead)."""
+
+
+def _unquoted(key: str, value: Any) -> tuple[str, Any, bool]:
+    if key.startswith(GUI_QUOTE) and isinstance(value, str) and value.endswith(GUI_QUOTE) and len(key) > 1:
+        return key[1:], value[:-1], True
+    return key, value, False
+
+
+def _windows_path(value: str) -> str:
+    """A preset path typed with backslashes, read with either slash: as typed if it exists (Windows),
+    else with ``/`` when that exists; as typed otherwise, so an error names what the user wrote."""
+    from pathlib import Path
+
+    if "\\" not in value or Path(value).expanduser().exists():
+        return value
+    forward = value.replace("\\", "/")
+    return forward if Path(forward).expanduser().exists() else value
+
+
+def gui_network_args(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``--network_args`` as the user meant them when they came through the kohya_ss GUI, or an error.
+
+    - ``'preset=C:\\p\\my.toml'`` (the GUI's quotes; sd-scripts splits it into the key ``'preset`` and a
+      value ending in ``'``, on the first ``=`` in main and on every ``=`` in v0.9) is read as typed.
+    - The GUI's own fields are honoured with ``networks.lora``'s meaning where the network has it:
+      ``rank_dropout`` rescales the kept ranks by 1/(1-p) there, so ``rank_dropout_scale`` defaults to
+      true here; LoRA+ ratios, ``module_dropout`` and ``network_dropout`` pass through as they are.
+    - Block-list fields and LyCORIS preset names are refused, naming the GUI field and what to set.
+    """
+    import logging
+
+    log = logging.getLogger("blora_network")
+    out: dict[str, Any] = {}
+    for raw_key, raw_value in kwargs.items():
+        key, value, quoted = _unquoted(str(raw_key), raw_value)
+        if quoted:
+            log.info("blora_network: network_args %s=%s arrived as %s=%s: the kohya_ss GUI quotes words with "
+                     "characters outside [A-Za-z0-9_@%%+=:,./-]; read as typed", key, value, raw_key, raw_value)
+        if key in GUI_REFUSED:
+            label, meaning, instead = GUI_REFUSED[key]
+            raise NetworkArgsError(f"network_args {key}={value}: kohya_ss's '{label}' field ({meaning}); {instead}")
+        out[key] = value
+    preset = out.get("preset")
+    if isinstance(preset, str) and preset.strip() in LYCORIS_PRESETS:
+        raise NetworkArgsError(
+            f"network_args preset={preset}: a LyCORIS preset from kohya_ss's 'LyCORIS Preset' field (a LyCORIS LoRA "
+            "type); give the path of a B-LoRA preset file there, or set LoRA type to Standard and add --network_args "
+            "preset=content_style (or another B-LoRA preset) to Additional parameters")
+    if isinstance(preset, str):
+        out["preset"] = _windows_path(preset.strip())
+    if out.get("rank_dropout") not in (None, "") and "rank_dropout_scale" not in out:
+        out["rank_dropout_scale"] = "true"
+    return out

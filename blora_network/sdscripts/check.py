@@ -13,24 +13,27 @@ or warnings (it runs, but not as B-LoRA trains best).
 from __future__ import annotations
 
 import difflib
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from blora_network.errors import BLoraError
 
 from .args import (
+    SDXL_SCRIPT,
     TrainingArgs,
+    check_words,
     config_args,
+    is_dataset_config,
     parse_command_line,
     read_toml,
     split_network_arg,
     type_problem,
     unknown_keys,
+    unrecognized_message,
 )
 from .recipe import PAPER
 
-__all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_command_line"]
+__all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_command_line", "check_arguments"]
 
 MODULE = "blora_network"
 LR_FACTOR = 2.0
@@ -63,6 +66,8 @@ class CheckReport:
 
 
 def _network_kwargs(values: dict, report: CheckReport) -> Optional[dict[str, str]]:
+    from blora_network.network.options import refuse_repeated_keys
+
     items = values.get("network_args") or []
     kwargs: dict[str, str] = {}
     for item in items:
@@ -75,38 +80,55 @@ def _network_kwargs(values: dict, report: CheckReport) -> Optional[dict[str, str
             report.add("warning", "network_args", f"{item!r}: the value holds '=': sd-scripts v0.9 and earlier split on "
                                                   "every '=' and stop at startup (main splits on the first)")
         kwargs[key] = value
+    try:
+        refuse_repeated_keys(items)  # the network refuses it too, in prepare_network
+    except BLoraError as e:
+        report.add("error", "network_args", str(e))
     report.network_kwargs = kwargs
     return kwargs
 
 
-def _check_module(values: dict, kwargs: dict[str, str], report: CheckReport) -> bool:
-    """True when the run uses blora_network (the B-LoRA checks apply)."""
+def _check_module(values: dict, kwargs: dict[str, str], report: CheckReport, bad: frozenset = frozenset()) -> str:
+    """``blora`` when the run uses blora_network, ``meant`` when it is missing or misspelt (the B-LoRA
+    checks still apply), ``other`` for another module (its alpha and rate are still checked)."""
     module = values.get("network_module")
+    if module is None and "network_module" in bad:
+        return "meant"  # its type error says it all
     if module is None:
         report.add("error", "network_module", "not set: sd-scripts cannot import a network module; "
                                               "add network_module = \"blora_network\" (--network_module blora_network)")
-        return False
+        return "meant"
     if module == MODULE:
-        return True
+        return "blora"
     if module == "lycoris.kohya" and "preset" in kwargs:
-        _check_lycoris_preset(values, kwargs["preset"], report)
-    elif difflib.SequenceMatcher(None, module, MODULE).ratio() > 0.8:
+        return _check_lycoris_preset(values, kwargs["preset"], report)
+    if difflib.SequenceMatcher(None, module, MODULE).ratio() > 0.8:
         report.add("error", "network_module", f"{module!r}: no such module (sd-scripts stops: No module named ...); "
                                               f"did you mean {MODULE}?")
-    else:
-        report.add("warning", "network_module", f"{module!r} is not B-LoRA: it trains its own layer choice, with "
-                                                "sd-scripts' alpha; use network_module = \"blora_network\"")
-    return False
+        return "meant"
+    report.add("warning", "network_module", f"{module!r} is not B-LoRA: it trains its own layer choice, with "
+                                            "sd-scripts' alpha; use network_module = \"blora_network\"")
+    return "other"
 
 
-def _check_lycoris_preset(values: dict, spec: str, report: CheckReport) -> None:
+def _check_other_module(values: dict, report: CheckReport, bad: frozenset = frozenset(), *, alpha_named: bool) -> None:
+    """Another module keeps sd-scripts' alpha and rates: name what B-LoRA's recipe would change."""
+    dim, alpha = values.get("network_dim"), values.get("network_alpha", 1.0)
+    if not alpha_named and isinstance(dim, int) and dim > 0 and isinstance(alpha, (int, float)) and alpha != dim:
+        report.add("warning", "network_alpha", f"{alpha:g} with network_dim {dim}: scale {alpha / dim:.4g} (the paper "
+                                               "trains with alpha = dim; blora_network keeps alpha = dim)")
+    _check_lrs(values, {}, report, bad)
+
+
+def _check_lycoris_preset(values: dict, spec: str, report: CheckReport) -> str:
+    """``meant`` for a blora_network preset name, ``other-alpha`` when the alpha was named, else ``other``."""
     from blora_network.network.presets import builtin_names, load_preset
 
     if spec in builtin_names():
         report.add("error", "network_module", f"lycoris.kohya with preset={spec}: {spec!r} is a blora_network preset name, "
                                               "not a LyCORIS one (LyCORIS tries to open it as a file and stops); use "
                                               f"network_module = \"{MODULE}\"")
-        return
+        return "meant"
     try:
         roles = load_preset(spec).roles
     except BLoraError:
@@ -118,8 +140,9 @@ def _check_lycoris_preset(values: dict, spec: str, report: CheckReport) -> None:
         report.add("warning", "network_module", f"lycoris.kohya with the B-LoRA preset {spec}: alpha stays at "
                                                 f"network_alpha {alpha:g}{scale} (the paper uses alpha = dim); use "
                                                 f"network_module = \"{MODULE}\", which keeps alpha = dim")
-    else:
-        report.add("warning", "network_module", "lycoris.kohya is not B-LoRA: use network_module = \"blora_network\"")
+        return "other-alpha"
+    report.add("warning", "network_module", "lycoris.kohya is not B-LoRA: use network_module = \"blora_network\"")
+    return "other"
 
 
 def _validated(values: dict, kwargs: dict[str, str], report: CheckReport):
@@ -150,11 +173,11 @@ def _validated(values: dict, kwargs: dict[str, str], report: CheckReport):
     return None
 
 
-def _check_network(values: dict, kwargs: dict[str, str], report: CheckReport) -> None:
+def _check_network(values: dict, kwargs: dict[str, str], report: CheckReport, bad: frozenset = frozenset()) -> None:
     """What create_network would reject, by running its own validation; then the recipe's values."""
     checked = _validated(values, kwargs, report)
     if checked is None:
-        _check_lrs(values, {}, report)
+        _check_lrs(values, {}, report, bad)
         return
     preset, options = checked
     if options.alpha_given and options.alpha != options.dim:
@@ -168,35 +191,23 @@ def _check_network(values: dict, kwargs: dict[str, str], report: CheckReport) ->
     if options.train_text_encoder or preset.trains_text_encoder:
         report.add("warning", "network_args", "text-encoder training is on (train_text_encoder=true or a preset with "
                                               "text-encoder targets): B-LoRA trains the UNet only")
-    _check_lrs(values, options.block_lrs, report)
+    _check_lrs(values, options.block_lrs, report, bad)
 
 
 def _build_on_sdxl(preset, options) -> None:
-    """The network's constructor on sd-scripts' full-size SDXL UNet, on the meta device (no memory)."""
-    import torch
+    """The network's constructor on sd-scripts' full-size SDXL UNet (meta device), as ``plan`` builds it."""
+    from blora_network.tools.plan import build_on_sdxl
 
-    from blora_network.network.kohya import BLoRANetwork
-    from blora_network.sdxl.unet import FULL, meta_unet
-
-    loggers = [logging.getLogger(name) for name in ("LyCORIS", "blora_network")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:  # LyCORIS logs its module table to stdout: not part of a check's report
-            lg.setLevel(logging.WARNING)
-        with torch.device("meta"):
-            BLoRANetwork(None, meta_unet(FULL), preset=preset, options=options)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    build_on_sdxl(preset, options)
 
 
 def _far(lr: float) -> bool:
     return lr >= PAPER.learning_rate * LR_FACTOR or lr <= PAPER.learning_rate / LR_FACTOR
 
 
-def _check_lrs(values: dict, block_lrs: dict[str, float], report: CheckReport) -> None:
+def _check_lrs(values: dict, block_lrs: dict[str, float], report: CheckReport, bad: frozenset = frozenset()) -> None:
     optimizer = str(values.get("optimizer_type") or "").lower()
-    if any(name in optimizer for name in _ADAPTIVE):
+    if any(name in optimizer for name in _ADAPTIVE) or {"unet_lr", "learning_rate"} & bad:
         return
     unet_lr = values.get("unet_lr")
     lr = values.get("learning_rate")
@@ -222,6 +233,11 @@ def _resolution(values: dict, report: CheckReport) -> tuple[Optional[Any], str]:
         except BLoraError as e:
             report.add("error", "dataset_config", str(e))
             return None, ""
+        if not is_dataset_config(data):
+            report.add("error", "dataset_config", f"{dataset}: not a dataset config (no [[datasets]] table): sd-scripts "
+                                                  "reads [general] and [[datasets]] here; give the dataset config "
+                                                  "(NAME_dataset.toml from recipe), the training config goes to --config_file")
+            return None, ""
         for table in [*(d for d in data.get("datasets", []) if isinstance(d, dict)), data.get("general", {})]:
             if isinstance(table, dict) and "resolution" in table:
                 return table["resolution"], f"resolution in {dataset}"
@@ -241,7 +257,9 @@ def _sides(value: Any) -> tuple[int, int]:
     return parts[0], parts[1]
 
 
-def _check_resolution(values: dict, report: CheckReport) -> None:
+def _check_resolution(values: dict, report: CheckReport, bad: frozenset = frozenset()) -> None:
+    if "resolution" in bad:
+        return  # a training config's resolution is read even with a dataset config: its type error says it all
     value, key = _resolution(values, report)
     if value is None:
         if key:
@@ -259,7 +277,7 @@ def _check_resolution(values: dict, report: CheckReport) -> None:
                                    "1024x1024 px (e.g. 1024,1024, 1152,896, 1216,832), sides multiples of 32")
 
 
-def _check_startup(values: dict, report: CheckReport) -> None:
+def _check_startup(values: dict, report: CheckReport, bad: frozenset = frozenset()) -> None:
     """sd-scripts' own startup asserts that a B-LoRA config runs into."""
     if values.get("cache_text_encoder_outputs") and not values.get("network_train_unet_only"):
         report.add("error", "cache_text_encoder_outputs", "needs network_train_unet_only: sdxl_train_network.py asserts "
@@ -270,34 +288,51 @@ def _check_startup(values: dict, report: CheckReport) -> None:
     if values.get("network_train_text_encoder_only"):
         report.add("error", "network_train_text_encoder_only", "B-LoRA trains only UNet layers: with this flag nothing "
                                                                "is trained (the optimizer gets no parameters)")
-    elif not values.get("network_train_unet_only"):
+    elif not values.get("network_train_unet_only") and "network_train_unet_only" not in bad:
         report.add("warning", "network_train_unet_only", "not set: sd-scripts keeps the text encoders in training "
                                                          "(more memory, no text-encoder output cache); add it")
-    if values.get("mixed_precision") in (None, "no"):
+    if values.get("mixed_precision") in (None, "no") and "mixed_precision" not in bad:
         report.add("warning", "mixed_precision", "not set (fp32): the recipe trains in bf16 (mixed_precision = \"bf16\")")
+
+
+def _reading_findings(args: TrainingArgs, report: CheckReport) -> set:
+    """What sd-scripts' parser and config reader make of the input, before any value is judged;
+    the keys whose values it could not use."""
+    for severity, key, message in args.findings:
+        report.add(severity, key, message)
+    if args.unknown:
+        report.add("error", "command line", unrecognized_message(args.unknown))
+    values = args.values
+    bad_types = set()
+    for key, value in values.items():
+        problem = type_problem(key, value)
+        if problem:
+            report.add("error", key, problem + "; sd-scripts uses config values as TOML typed them")
+            bad_types.add(key)
+    for key, option in unknown_keys(values):
+        hint = f" (did you mean {option}?)" if option else ""
+        report.add("warning", key, f"not an option of sd-scripts' {SDXL_SCRIPT}{hint}; it ignores the key")
+    return bad_types
 
 
 def check_run(args: TrainingArgs) -> CheckReport:
     """Every finding for one run's options."""
     report = CheckReport(source=args.source)
     values = args.values
-    bad_types = set()
-    for key, value in values.items():
-        problem = type_problem(key, value)
-        if problem:
-            report.add("error", key, problem + ("" if args.from_command_line else
-                                                "; sd-scripts uses config values as TOML typed them"))
-            bad_types.add(key)
-    if not args.from_command_line:
-        for key, option in unknown_keys(values):
-            report.add("warning", key, f"not an sd-scripts option (did you mean {option}?); sd-scripts ignores it")
+    bad_types = _reading_findings(args, report)
+    bad = frozenset(bad_types)
     usable = {k: v for k, v in values.items() if k not in bad_types}
     kwargs = _network_kwargs(usable, report) if "network_args" not in bad_types else None
-    is_blora = _check_module(usable, kwargs or {}, report)
-    if is_blora and kwargs is not None and not ({"network_dim", "network_alpha"} & bad_types):
-        _check_network(usable, kwargs, report)
-    _check_resolution(usable, report)
-    _check_startup(usable, report)
+    module = _check_module(usable, kwargs or {}, report, bad)
+    if module in ("blora", "meant") and kwargs is not None and not ({"network_dim", "network_alpha"} & bad_types):
+        _check_network(usable, kwargs, report, bad)
+    elif module.startswith("other"):
+        _check_other_module(usable, report, bad, alpha_named=module == "other-alpha" or bool(bad_types & {"network_dim",
+                                                                                                          "network_alpha"}))
+    else:
+        _check_lrs(usable, {}, report, bad)
+    _check_resolution(usable, report, bad)
+    _check_startup(usable, report, bad)
     report.errors = sum(1 for f in report.findings if f.severity == "error")
     report.warnings = len(report.findings) - report.errors
     report.exit_status = 1 if report.errors else 0
@@ -305,8 +340,26 @@ def check_run(args: TrainingArgs) -> CheckReport:
 
 
 def check_config(path) -> CheckReport:
+    """A training config (TOML), or a kohya_ss GUI config or preset (``.json``)."""
+    if str(path).lower().endswith(".json"):
+        from .kohya_gui import check_gui_config
+
+        return check_gui_config(path)
     return check_run(config_args(path))
 
 
 def check_command_line(argv) -> CheckReport:
     return check_run(parse_command_line(argv))
+
+
+def check_arguments(words) -> CheckReport:
+    """``blora-network check WORDS``: a config, a config and options, or a command line (:func:`.args.check_words`);
+    or a kohya_ss GUI config (``.json``), alone: its Additional parameters are the run's command-line options."""
+    given = [w for w in words if w != "--"]
+    if given and not given[0].startswith("-") and given[0].lower().endswith(".json"):
+        if len(given) > 1:
+            raise BLoraError(f"{given[0]}: a kohya_ss GUI config is checked alone ({' '.join(given[1:])} given after "
+                             "it); put extra options in its Advanced > Additional parameters, or check the TOML and "
+                             "command the GUI prints: check CONFIG.toml -- ARGS")
+        return check_config(given[0])
+    return check_run(check_words(words))

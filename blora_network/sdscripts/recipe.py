@@ -1,7 +1,9 @@
 """``recipe``: a folder of images -> the paper's sd-scripts run, as two config files and one command.
 
-Writes ``NAME.toml`` (for ``--config_file``: every value of the B-LoRA recipe) and
-``NAME_dataset.toml`` (for ``--dataset_config``: the image folder with its captions), after
+Writes ``NAME.toml`` (for ``--config_file``: every value of the B-LoRA recipe),
+``NAME_dataset.toml`` (for ``--dataset_config``: the image folder with its captions, or one subset
+per kohya ``N_class tokens`` folder with its repeats and class tokens) and ``NAME_kohya_gui.json``
+(the same run as a kohya_ss GUI preset, :mod:`.kohya_gui`), after
 checking the folder the way sd-scripts will read it (:mod:`blora_network.sdscripts.images`). Resolution
 and batch size go in the training config, not the dataset config, so that a command-line
 ``--resolution`` or ``--train_batch_size`` still overrides them (sd-scripts takes a dataset
@@ -23,10 +25,11 @@ import toml
 from blora_network.errors import BLoraError
 
 from .args import IMAGE_EXTENSIONS, SDXL_SCRIPT
-from .images import SDXL_PIXELS, ImageScan, scan_images
+from .images import BUCKETING, ImageScan, bucket_of, scan_images
+from .kohya_gui import gui_preset
 
 __all__ = ["Recipe", "PAPER", "LowVramOption", "LOWVRAM", "LOWVRAM_LEFT_OUT", "RecipeResult", "write_recipe",
-           "training_config", "dataset_config"]
+           "training_config", "dataset_config", "check_model"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,17 @@ LOWVRAM_LEFT_OUT: dict[str, str] = {
 class RecipeResult:
     training_config: str
     dataset_config: str
+    gui_preset: str
+    """``NAME_kohya_gui.json``: the same run as a kohya_ss GUI LoRA preset."""
     command: str
     name: str
     preset: str
     rank: int
     steps: int
-    num_repeats: int
+    num_repeats: Optional[int]
+    """Repeats per image the recipe chose (a plain folder), or None: the kohya folders' own repeats."""
+    epoch_steps: int
+    """Steps in one epoch at batch 1: images x repeats, over every subset."""
     lowvram: list[LowVramOption]
     lowvram_left_out: dict[str, str]
     scan: ImageScan
@@ -151,17 +159,14 @@ def training_config(*, model: str, out_dir: Path, name: str, preset: str, rank: 
     }
 
 
-def dataset_config(scan: ImageScan, *, token: str, num_repeats: int) -> dict[str, Any]:
-    """The ``--dataset_config`` document: one DreamBooth subset for the image folder."""
+def dataset_config(scan: ImageScan, *, token: str, num_repeats: Optional[int]) -> dict[str, Any]:
+    """The ``--dataset_config`` document: one DreamBooth subset for a plain image folder (``token``,
+    ``num_repeats``), or one per kohya ``N_class tokens`` folder with its own repeats and tokens."""
+    subsets = [{"image_dir": s.image_dir, "class_tokens": s.class_tokens if scan.kohya_layout else token,
+                "num_repeats": s.num_repeats if scan.kohya_layout else num_repeats} for s in scan.subsets]
     return {
-        "general": {
-            "caption_extension": scan.caption_extension,
-            "enable_bucket": True,
-            "min_bucket_reso": 512,
-            "max_bucket_reso": 2048,
-            "bucket_reso_steps": 64,
-        },
-        "datasets": [{"subsets": [{"image_dir": scan.folder, "class_tokens": token, "num_repeats": num_repeats}]}],
+        "general": {"caption_extension": scan.caption_extension, **BUCKETING},
+        "datasets": [{"subsets": subsets}],
     }
 
 
@@ -251,29 +256,71 @@ def _refuse_problems(scan: ImageScan) -> None:
         )
 
 
-def _outputs(out_dir: Path, name: str, force: bool) -> tuple[Path, Path]:
+def _outputs(out_dir: Path, name: str, force: bool) -> tuple[Path, Path, Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise BLoraError(f"-o {out_dir}: is a file; give a folder for the config files")
-    train, data = out_dir / f"{name}.toml", out_dir / f"{name}_dataset.toml"
-    for p in (train, data):
+    train, data, gui = out_dir / f"{name}.toml", out_dir / f"{name}_dataset.toml", out_dir / f"{name}_kohya_gui.json"
+    for p in (train, data, gui):
         if p.exists() and not force:
             raise BLoraError(f"{p}: already exists; pass --force to replace it, or choose another --name; nothing was written")
-    return train, data
+    return train, data, gui
 
 
-def _notes(scan: ImageScan, model: str) -> list[str]:
-    notes = [f"{Path(i.file).name}: {i.width}x{i.height} ({i.width * i.height / 1e6:.2f} MP) is below SDXL's "
-             f"1024x1024 px: sd-scripts upscales it to about {SDXL_PIXELS / 1e6:.2f} MP, and the blur is learned as "
-             "part of the style; use a larger image if you have one" for i in scan.small]
-    notes += [f"{Path(i.file).name}: no caption file {Path(i.file).stem}{scan.caption_extension}: it is trained with "
-              f"the caption {scan.token!r} (class_tokens)" for i in scan.missing_captions]
+def _notes(scan: ImageScan) -> list[str]:
+    notes = [f"{scan.shown(i)}: {i.width}x{i.height} ({i.width * i.height / 1e6:.2f} MP): sd-scripts' bucketing "
+             f"enlarges it x{i.upscale:.2f} to cover the {'x'.join(map(str, bucket_of(i.width, i.height)[0]))} bucket, "
+             "and the blur is learned as part of the style; use a larger image if you have one" for i in scan.small]
+    notes += [f"{scan.shown(i)}: no caption file {Path(i.file).stem}{scan.caption_extension}: it is trained with "
+              f"the caption {i.class_tokens!r} (class_tokens)" for i in scan.missing_captions]
     notes += [f"{Path(i.caption_file).name}: the caption {i.caption!r} does not contain the trigger token "
-              f"{scan.token!r}; the B-LoRA will not answer to it" for i in scan.without_token]
+              f"{i.class_tokens!r}; the B-LoRA will not answer to it" for i in scan.without_token]
     notes += [f"ignored by sd-scripts: {x}" for x in scan.ignored]
-    if not Path(model).expanduser().exists():
-        notes.append(f"--model {model}: not found on this machine; the config names it as given (fine if sd-scripts "
-                     "runs elsewhere)")
     return notes
+
+
+_HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_LORA_MARKS = ("lora_unet_", "lora_te", ".lora_down.", ".lora_A.", ".hada_w1", ".lokr_w1", "lora_unet.")
+_WANT = "give the SDXL base checkpoint (e.g. sd_xl_base_1.0.safetensors) or a diffusers SDXL folder; nothing was written"
+
+
+def check_model(model: str) -> tuple[str, Optional[str]]:
+    """``(what the config names, a note)`` for ``--model``, or a one-line refusal.
+
+    sd-scripts (``sdxl_train_util._load_target_model``) loads a file as a single-file SDXL
+    checkpoint (UNet under ``model.diffusion_model.``, text encoders under
+    ``conditioner.embedders.``), and anything else with diffusers' ``from_pretrained``: a folder
+    with ``model_index.json`` and ``unet/``, or a Hugging Face model id. Only the header of a
+    .safetensors file is read.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "model_index.json").is_file() and (path / "unet").is_dir():
+            return str(path.resolve()), None
+        raise BLoraError(f"--model {model}: a folder without model_index.json and unet/, so not a diffusers model; {_WANT}")
+    if not path.exists():
+        if _HF_ID.fullmatch(model) and not model.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")):
+            return model, (f"--model {model}: no such file or folder here; sd-scripts will load it as a Hugging Face "
+                           "model id (a download)")
+        raise BLoraError(f"--model {model}: not found; {_WANT}")
+    from blora_network.files.safefile import PICKLE_SUFFIXES, read_header_layout
+
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        return str(path.resolve()), f"--model {path.name}: a pickle checkpoint, not read here (sd-scripts loads it with torch.load)"
+    try:
+        keys = [k for k in read_header_layout(path)[0] if k != "__metadata__"]
+    except BLoraError as e:
+        raise BLoraError(f"--model {e}; {_WANT}") from None
+    lora = next((k for k in keys if any(m in k for m in _LORA_MARKS)), None)
+    if lora is not None:
+        raise BLoraError(f"--model {model}: a LoRA ({len(keys)} tensors, e.g. {lora}), not a checkpoint: --model is the "
+                         f"base model the B-LoRA trains on; {_WANT}")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise BLoraError(f"--model {model}: no UNet tensors (model.diffusion_model.*), so not a single-file SDXL "
+                         f"checkpoint; {_WANT}")
+    if not any(k.startswith("conditioner.embedders.") for k in keys):
+        raise BLoraError(f"--model {model}: an SD1.x/SD2.x checkpoint (no SDXL text encoders, conditioner.embedders.*): "
+                         f"B-LoRA trains SDXL's blocks; {_WANT}")
+    return str(path.resolve()), None
 
 
 def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, preset: str = "content_style",
@@ -291,27 +338,42 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
     name = name or _name_from(Path(scan.folder))
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise BLoraError(f"--name {name!r}: use letters, digits, '_', '-' or '.' (it becomes file names)")
-    train_path, data_path = _outputs(out, name, force)
-    model_path = str(Path(model).expanduser().resolve()) if Path(model).expanduser().exists() else model
-    num_repeats = max(1, math.ceil(steps / len(scan.usable)))  # one epoch covers the run: no per-epoch overhead
+    model_path, model_note = check_model(model)
+    train_path, data_path, gui_path = _outputs(out, name, force)
+    # a plain folder: one epoch covers the run (no per-epoch overhead); kohya folders keep their repeats
+    num_repeats = None if scan.kohya_layout else max(1, math.ceil(steps / len(scan.usable)))
+    epoch_steps = sum(s.images * (s.num_repeats or num_repeats) for s in scan.subsets)
     train = training_config(model=model_path, out_dir=out, name=name, preset=_preset_arg(preset), rank=rank,
                             steps=steps, lowvram=lowvram)
     data = dataset_config(scan, token=token, num_repeats=num_repeats)
     comments = {**_COMMENTS, **{o.key: f"--lowvram: {o.why} ({o.source})" for o in LOWVRAM}}
+    gui = gui_preset(model=model_path, dataset_config=str(data_path), out_dir=str(out), name=name,
+                     preset_arg=_preset_arg(preset), rank=rank, steps=steps, learning_rate=PAPER.learning_rate,
+                     optimizer=PAPER.optimizer_type, optimizer_args=PAPER.optimizer_args, lr_scheduler=PAPER.lr_scheduler,
+                     resolution=PAPER.resolution, precision=PAPER.precision, lowvram=lowvram)
     _write_all(out, {
         train_path: _toml_text(train, f"B-LoRA training config for sd-scripts' {SDXL_SCRIPT} --config_file\n"
                                       "written by blora-network recipe; command-line options given after "
                                       "--config_file override these values", comments),
         data_path: _toml_text(data, f"B-LoRA dataset config for --dataset_config: {len(scan.usable)} image(s) "
                                     f"in {scan.folder}", {}),
+        gui_path: json.dumps(gui, indent=2, ensure_ascii=False) + "\n",
     })
     command = f"accelerate launch {SDXL_SCRIPT} --config_file {_quote(train_path)} --dataset_config {_quote(data_path)}"
     return RecipeResult(
-        training_config=str(train_path), dataset_config=str(data_path), command=command, name=name,
-        preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats,
-        lowvram=list(LOWVRAM) if lowvram else [],
-        lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=scan, notes=_notes(scan, model),
+        training_config=str(train_path), dataset_config=str(data_path), gui_preset=str(gui_path), command=command,
+        name=name, preset=resolved_preset.preset, rank=rank, steps=steps, num_repeats=num_repeats,
+        epoch_steps=epoch_steps, lowvram=list(LOWVRAM) if lowvram else [],
+        lowvram_left_out=_left_out(resolved_preset, rank) if lowvram else {}, scan=scan,
+        notes=_notes(scan) + ([model_note] if model_note else []) + _gui_notes(_preset_arg(preset)),
     )
+
+
+def _gui_notes(preset_arg: str) -> list[str]:
+    if any(c.isspace() for c in preset_arg):
+        return [f"preset {preset_arg}: the kohya_ss GUI splits Additional parameters on spaces, so this path cannot "
+                "reach sd-scripts from the GUI; move the preset to a path without spaces"]
+    return []
 
 
 def _left_out(resolved, rank: int) -> dict[str, str]:

@@ -3,8 +3,10 @@
 The one place that joins presets to the stand-in UNet (:mod:`blora_network.sdxl.unet`, built on
 the meta device: names and shapes, no memory): ``presets`` lists the built-ins with their layer
 counts, ``plan`` is a dry run of one preset at a rank (layers per block, parameters, file size,
-optimizer memory). A preset that would train nothing is refused with the same message the
-network gives at ``create_network``.
+optimizer memory). ``plan`` builds the network the way training does (``network_options`` then
+the :class:`~blora_network.network.kohya.BLoRANetwork` constructor, :func:`build_on_sdxl`), so a
+preset's ``[blora]`` table (``style_dim = 32``, ``0`` turns a block off) is honoured and a preset
+that would train nothing is refused with the network's own message. ``check`` builds it here too.
 """
 
 from __future__ import annotations
@@ -15,12 +17,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 from blora_network.errors import NetworkArgsError
-from blora_network.network.modelcheck import check_preset_matches
 from blora_network.network.presets import Preset, builtin_names, load_preset
 from blora_network.sdxl.blocks import block_at
 from blora_network.sdxl.names import block_order, is_attention_layer, kohya_module_name, transformer_block_of
 
-__all__ = ["PresetSummary", "PlanBlock", "Plan", "presets_summary", "plan", "file_bytes"]
+__all__ = ["PresetSummary", "PlanBlock", "Plan", "presets_summary", "plan", "file_bytes", "build_on_sdxl"]
 
 
 @dataclass
@@ -43,6 +44,8 @@ class PlanBlock:
     params: int
     layers: list[str]
     """Module paths trained in this block."""
+    rank: int = 0
+    """The rank the network gives this block's layers (a preset's ``[blora]`` dims, else ``dim``)."""
 
 
 @dataclass
@@ -98,14 +101,16 @@ def presets_summary() -> list[PresetSummary]:
     return out
 
 
-def file_bytes(layers, dim: int, dtype: str) -> int:
-    """The exact size safetensors would write for these LoRA layers at rank ``dim`` (no metadata)."""
+def file_bytes(layers, dim, dtype: str) -> int:
+    """The exact size safetensors would write for these LoRA layers (no metadata): at rank ``dim``,
+    or ``dim`` a list of one rank per layer."""
     size, code = _DTYPE_SIZES[dtype]
+    ranks = dim if isinstance(dim, (list, tuple)) else [dim] * len(layers)
     entries = []
-    for layer in layers:
+    for layer, rank in zip(layers, ranks):
         name = kohya_module_name(layer.name)
-        entries += [(f"{name}.alpha", []), (f"{name}.lora_down.weight", [dim, layer.in_features]),
-                    (f"{name}.lora_up.weight", [layer.out_features, dim])]
+        entries += [(f"{name}.alpha", []), (f"{name}.lora_down.weight", [rank, layer.in_features]),
+                    (f"{name}.lora_up.weight", [layer.out_features, rank])]
     entries.sort()
     header, offset = {}, 0
     for key, shape in entries:
@@ -116,27 +121,66 @@ def file_bytes(layers, dim: int, dtype: str) -> int:
     return 8 + h + (8 - h % 8) % 8 + offset
 
 
-def plan(preset_spec: str, dim: int) -> Plan:
-    """A dry run: what a preset trains on full-size SDXL at rank ``dim``, and what it costs.
+def build_on_sdxl(preset, options):
+    """The network's constructor on sd-scripts' full-size SDXL UNet, on the meta device (no memory):
+    every check ``create_network`` makes on the model, and the modules it would train."""
+    import logging
 
-    Raises :class:`~blora_network.errors.PresetError` for a preset that cannot be loaded or whose
-    UNet patterns select nothing on SDXL, as ``create_network`` would.
+    import torch
+
+    from blora_network.network.kohya import BLoRANetwork
+
+    loggers = [logging.getLogger(name) for name in ("LyCORIS", "blora_network")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:  # LyCORIS logs its module table to stdout: not part of a report
+            lg.setLevel(logging.WARNING)
+        with torch.device("meta"):
+            return BLoRANetwork(None, _full_unet(), preset=preset, options=options)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _trained_layers(network) -> list[tuple]:
+    """``(layer, rank, parameters)`` for each Linear layer the network adapts, in model order."""
+    from blora_network.sdxl.unet import FULL, linear_layers
+
+    modules = {m.lora_name: m for m in network.unet_loras}
+    out = []
+    for layer in linear_layers(FULL):
+        module = modules.get(kohya_module_name(layer.name))
+        if module is not None:
+            out.append((layer, int(module.lora_dim), sum(p.numel() for p in module.parameters())))
+    return out
+
+
+def plan(preset_spec: str, dim: int) -> Plan:
+    """A dry run: what training builds for a preset on full-size SDXL at rank ``dim``, and what it costs.
+
+    Raises the network's own error (:class:`~blora_network.errors.PresetError`...) for a preset
+    that cannot be loaded, that has no UNet targets, or whose layers all end up off, as
+    ``create_network`` would.
     """
+    from blora_network.network.kohya import network_options
+
     if dim < 1:
         raise NetworkArgsError(f"dim must be a positive rank, not {dim}")
-    preset = load_preset(preset_spec)
-    if preset.trains_unet:
-        check_preset_matches(preset, _full_unet())
-    layers = _selected_layers(preset)
+    preset, options = network_options(dim, float(dim), None, preset=preset_spec)
+    trained = _trained_layers(build_on_sdxl(preset, options))
+    by_block: dict[str, list] = {}
+    for item in trained:
+        by_block.setdefault(transformer_block_of(item[0].name), []).append(item)
     blocks = [
-        PlanBlock(block=b, role=getattr(block_at(b), "role", None), modules=len(ls),
-                  params=sum(dim * (x.in_features + x.out_features) for x in ls), layers=[x.name for x in ls])
-        for b, ls in _by_block(layers).items()
+        PlanBlock(block=b, role=getattr(block_at(b), "role", None), modules=len(items),
+                  params=sum(n for _, _, n in items), layers=[x.name for x, _, _ in items], rank=items[0][1])
+        for b, items in sorted(by_block.items(), key=lambda kv: block_order(kv[0]))
     ]
     params = sum(b.params for b in blocks)
+    layers, ranks = [x for x, _, _ in trained], [r for _, r, _ in trained]
     return Plan(
-        preset=preset.name, source=preset.source, dim=dim, blocks=blocks, modules=len(layers), params=params,
-        file_bytes={d: file_bytes(layers, dim, d) for d in _DTYPE_SIZES},
+        preset=preset.name, source=preset.source, dim=dim, blocks=blocks, modules=len(trained), params=params,
+        file_bytes={d: file_bytes(layers, ranks, d) for d in _DTYPE_SIZES},
         optimizer_bytes={
             "weights_fp32": 4 * params,
             "grads_fp32": 4 * params,
@@ -144,8 +188,15 @@ def plan(preset_spec: str, dim: int) -> Plan:
             "adamw8bit_states": 2 * params,
             "total_adamw": 16 * params,
         },
-        notes=_notes(preset, blocks),
+        notes=_notes(preset, blocks) + [f"{role}: off ({key} = 0 in the preset), not trained"
+                                        for key, role in _off(options)],
     )
+
+
+def _off(options) -> list[tuple[str, str]]:
+    """``(setting, role)`` for each block a ``0`` dim or learning rate turns off."""
+    return [(f"{role}_dim", role) for role, d in options.block_dims.items() if d == 0] + [
+        (f"{role}_lr", role) for role, lr in options.block_lrs.items() if lr == 0 and options.block_dims.get(role) != 0]
 
 
 def _notes(preset: Preset, blocks: list[PlanBlock]) -> list[str]:

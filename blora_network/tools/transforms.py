@@ -15,20 +15,35 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
 from blora_network.errors import LoraFileError, count
-from blora_network.files.algos import (alpha_tensor, alpha_value, effective_alpha, module_scale, one_alpha, output_dtype,
-                                      scale_tensors, scaling_loss)
+from blora_network.files.algos import (
+    LayerRecord,
+    alpha_tensor,
+    effective_alpha,
+    kohya_layers,
+    layer_record,
+    module_scale,
+    one_alpha,
+    output_dtype,
+    scale_tensors,
+    scaling_loss,
+)
 from blora_network.files.lorafile import LoraFile, LoraLayer, open_sdxl_lora
 from blora_network.files.measure import Progress, progress_bar
-from blora_network.files.metadata import KEY_WEIGHTS, LayerRecord, cumulative_weights, source_entry, tool_metadata
-from blora_network.files.safefile import (SAFETENSORS, check_output_path, make_folders, remove_folders,
-                                         write_safetensors_hashed)
+from blora_network.files.metadata import KEY_WEIGHTS, cumulative_weights, source_entry, tool_metadata
+from blora_network.files.safefile import (
+    SAFETENSORS,
+    check_output_path,
+    make_folders,
+    remove_folders,
+    write_safetensors_hashed,
+)
 from blora_network.sdxl.blocks import ROLES, lookup_block
 from blora_network.sdxl.names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
@@ -59,17 +74,17 @@ FP8_LOSS_WORTH_SAYING = 0.005
 
 @dataclass
 class _Output:
-    """The tensors and layer records of one file being assembled.
+    """The tensors of one file being assembled, and the block of each layer in it.
 
-    :meth:`metadata` gives the file one alpha first (:func:`blora_network.files.algos.one_alpha`)
-    so the records, and so ``ss_network_alpha`` and ``blora_block_alphas``, say what is stored.
+    Nothing about a layer's rank or alpha is kept here: :meth:`finish` derives the file's description
+    from the tensors as they will be stored, after they get one alpha.
     """
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
-    records: list[LayerRecord] = field(default_factory=list)
-    names: list[str] = field(default_factory=list)
-    """The kohya module name of each record."""
-    settled: bool = False
+    layers: dict[str, Optional[str]] = field(default_factory=dict)
+    """kohya layer name -> its B-LoRA role (or None)."""
+    folded: list[LayerRecord] = field(default_factory=list)
+    """Layers written under diffusers/PEFT names, which store no alpha: alpha = rank."""
     losses: dict[str, float] = field(default_factory=dict)
     """Per layer, the share of its scaled dW lost to fp8 rounding (:func:`scaling_loss`)."""
 
@@ -82,32 +97,37 @@ class _Output:
                 f"changed the dW of {count(len(self.losses), 'fp8 layer')} by up to {100 * self.losses[worst]:.1f}% "
                 f"({worst}); pass --dtype bf16 (or fp16/fp32) to write a wider file that keeps it"]
 
-    def roles(self) -> list[str]:
-        present = {r.role for r in self.records if r.role}
-        return [r for r in ROLES if r in present]
-
     def add(self, lora: LoraFile, layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> None:
         entry = _kohya_entry(layer, tensors)
         if any(k in self.tensors for k in entry):
             raise LoraFileError(f"{lora.path}: layer {layer.name} is given twice")
         self.tensors.update(entry)
-        self.record(layer, effective_alpha(alpha_value(tensors), layer.rank))
+        self.layers[layer.name] = layer.role
 
-    def record(self, layer: LoraLayer, alpha: Optional[float]) -> None:
-        self.records.append(LayerRecord(layer.role, layer.rank, alpha))
-        self.names.append(layer.name)
+    def add_folded(self, layer: LoraLayer, entry: Mapping[str, torch.Tensor]) -> None:
+        self.tensors.update(entry)
+        self.folded.append(LayerRecord(layer.role, layer.rank, effective_alpha(None, layer.rank)))
 
-    def metadata(self, base: Mapping[str, str], sources: list[dict], weights: Mapping[str, float]) -> dict[str, str]:
-        """One alpha for the file's LoRA layers, then the metadata describing the file (tool_metadata)."""
-        self.tensors = one_alpha(self.tensors)
-        self.records = [replace(r, alpha=effective_alpha(self._stored_alpha(name), r.rank))
-                        for name, r in zip(self.names, self.records)]
-        self.settled = True
-        return tool_metadata(base, self.records, sources, weights)
+    def roles(self) -> list[str]:
+        present = set(self.layers.values()) | {r.role for r in self.folded}
+        return [r for r in ROLES if r in present]
 
-    def _stored_alpha(self, name: str) -> Optional[float]:
-        t = self.tensors.get(f"{name}.alpha")
-        return None if t is None else alpha_value({"alpha": t})
+    def finish(self, base: Mapping[str, str], sources: list[dict], weights: Mapping[str, float]) -> _Finished:
+        """One alpha for the file's LoRA layers, then the metadata describing the tensors as stored."""
+        tensors = one_alpha(self.tensors)
+        stored = kohya_layers(tensors)
+        records = [layer_record(name, role, stored[name]) for name, role in self.layers.items()] + self.folded
+        return _Finished(tensors, tool_metadata(base, records, sources, weights), self.roles(), len(records))
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A file ready to write: its tensors and the metadata that describes them."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    blocks: list[str]
+    modules: int
 
 
 def _kohya_entry(layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -135,10 +155,8 @@ def _gather(lora: LoraFile, reader, layers: Sequence[LoraLayer], out: _Output, p
         out.add(lora, layer, tensors)
 
 
-def _write(output, out: _Output, metadata: dict[str, str], *, force: bool, inputs: Sequence[Path],
+def _write(output, out: _Finished, *, force: bool, inputs: Sequence[Path],
            progress: Optional[Progress], weights=None, warnings=(), applied=None) -> WrittenFile:
-    if not out.settled:  # the metadata must describe the tensors as written (one alpha)
-        raise RuntimeError("internal error: compose the metadata with _Output.metadata before writing")
     total = sum(t.numel() * t.element_size() for t in out.tensors.values())
     # fsync only when replacing a file: a new output lost to a power cut is lost alone (the
     # inputs are never written) and is made again in seconds; an fsync costs ~0.1-0.3 s per
@@ -146,13 +164,13 @@ def _write(output, out: _Output, metadata: dict[str, str], *, force: bool, input
     replacing = Path(output).exists()
     with progress_bar(progress, total, f"hashing {Path(output).name}") as bar:
         path, model_hash, _ = write_safetensors_hashed(
-            output, out.tensors, metadata, overwrite=force, inputs=tuple(inputs), on_bytes=bar.update,
+            output, out.tensors, out.metadata, overwrite=force, inputs=tuple(inputs), on_bytes=bar.update,
             durable=replacing,
         )
     return WrittenFile(
         path=str(path),
-        blocks=out.roles(),
-        modules=len(out.records),
+        blocks=out.blocks,
+        modules=out.modules,
         tensors=len(out.tensors),
         bytes=path.stat().st_size,
         sshs_model_hash=model_hash,
@@ -225,9 +243,9 @@ def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: b
     try:
         for role, out in parts:
             weights = cumulative_weights(lora.metadata, {}, [role])
-            meta = out.metadata(lora.metadata, [_source(lora, [role], {role: 1.0})], weights)
+            done = out.finish(lora.metadata, [_source(lora, [role], {role: 1.0})], weights)
             new = not targets[role].exists()
-            files.append(_write(targets[role], out, meta, force=force, inputs=[lora.path], progress=progress,
+            files.append(_write(targets[role], done, force=force, inputs=[lora.path], progress=progress,
                                 weights=weights))
             if new:
                 created.append(targets[role])
@@ -287,11 +305,11 @@ def combine(sources: Sequence[BlockSource], output, *, force: bool = False,
                     weights={s.role: s.weight}, desc=f"reading {s.role} from {lora.path.name}", dtype=cast)
             entries.append(_source(lora, [s.role], {s.role: s.weight}))
             weights.update(cumulative_weights(lora.metadata, {s.role: s.weight}, [s.role]))
-        meta = out.metadata(kept[0][1].metadata, entries, weights)
+        done = out.finish(kept[0][1].metadata, entries, weights)
         dropped = [s.role for s in sources if s.weight == 0.0]
         warn = [f"weight 0 leaves {', '.join(dropped)} out of the file"] if dropped else []
         warn += out.rounding_warnings({s.role: s.weight for s, _ in kept})
-        return _write(output, out, meta, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn,
+        return _write(output, done, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn,
                       applied={s.role: s.weight for s, _ in kept})
 
 
@@ -303,8 +321,8 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
 
     Blocks not named keep weight 1; layers outside the B-LoRA blocks are copied unchanged;
     a weight of 0 removes the block's layers. ``dtype`` (``bf16``, ``fp16``, ``fp32``) writes every
-    layer in that dtype; without it each keeps its own, and scaling an fp8 file by a weight that is not
-    a power of two rounds, which the file's warnings measure.
+    layer in that dtype; without it each keeps its own, and scaling an fp8 file rounds, which the
+    file's warnings measure.
     """
     cast = output_dtype(dtype)
     if not weights:
@@ -323,11 +341,11 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
             out.tensors[key] = reader.get(key)
         present = out.roles()
         baked = cumulative_weights(lora.metadata, weights, present)
-        meta = out.metadata(lora.metadata, [_source(lora, present, weights)], baked)
+        done = out.finish(lora.metadata, [_source(lora, present, weights)], baked)
         dropped = [r for r, w in weights.items() if w == 0.0]
         warn = [f"weight 0 removed the {', '.join(dropped)} block"] if dropped else []
         warn += out.rounding_warnings(weights)
-        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=baked,
+        return _write(output, done, force=force, inputs=[lora.path], progress=progress, weights=baked,
                       warnings=warn, applied=weights)
 
 
@@ -357,10 +375,10 @@ def extract(path, roles: Sequence[str], output, *, force: bool = False,
     with lora.reader() as reader:
         _gather(lora, reader, layers, out, progress)
         weights = cumulative_weights(lora.metadata, {}, roles)
-        meta = out.metadata(lora.metadata, [_source(lora, roles, {})], weights)
+        done = out.finish(lora.metadata, [_source(lora, roles, {})], weights)
         skipped = len(lora.layers) - len(layers)
         warn = [f"left out {count(skipped, 'layer')} outside the chosen blocks' attention layers"] if skipped else []
-        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress, weights=weights,
+        return _write(output, done, force=force, inputs=[lora.path], progress=progress, weights=weights,
                       warnings=warn)
 
 
@@ -396,12 +414,11 @@ def convert(path, output, *, to: str = "kohya", force: bool = False,
             _gather(lora, reader, layers, out, progress)
         else:
             for m, src in reader.read(layers, progress=progress):
-                out.tensors.update(_diffusers_entry(m, src, to))
-                out.record(m, float(m.rank))  # alpha = rank from now on
+                out.add_folded(m, _diffusers_entry(m, src, to))  # alpha = rank from now on
         roles = out.roles()
         weights = cumulative_weights(lora.metadata, {}, roles) if lora.metadata.get(KEY_WEIGHTS) else {}
-        meta = out.metadata(lora.metadata, [_source(lora, roles, {})], weights)
-        return _write(output, out, meta, force=force, inputs=[lora.path], progress=progress)
+        done = out.finish(lora.metadata, [_source(lora, roles, {})], weights)
+        return _write(output, done, force=force, inputs=[lora.path], progress=progress)
 
 
 def _check_diffusers_convertible(lora: LoraFile) -> None:
