@@ -301,7 +301,9 @@ def _create(p: Path, tmp: str) -> None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
+    """Whether process ``pid`` runs on this machine; True when we cannot tell. Never on Windows, where
+    ``os.kill(pid, 0)`` would terminate that process: there only the age rule removes leftovers."""
+    if pid <= 0 or os.name == "nt":
         return True
     try:
         os.kill(pid, 0)
