@@ -255,3 +255,15 @@ def test_dtype_writes_a_wider_file_that_keeps_the_scaled_dw(fp8_file, tmp_path, 
     assert cli("combine", "--content", fp8_file, "--style", fp8_file, "--style-weight", "0.7", "--dtype", dtype,
                "-o", tmp_path / "c.safetensors") == 0
     assert max(_measured_loss(fp8_file, tmp_path / "c.safetensors", 0.7).values()) < tolerance
+
+
+@pytest.mark.parametrize("argv", [["extract", "{src}", "--blocks", "style", "-o", "{tmp}/e.safetensors"],
+                                  ["split", "{src}", "--out-dir", "{tmp}/parts"]])
+def test_dtype_on_the_other_writers(fp8_file, tmp_path, argv):
+    from safetensors.torch import load_file
+
+    assert cli(*[a.format(src=fp8_file, tmp=tmp_path) for a in argv], "--dtype", "fp16") == 0
+    written = [p for p in tmp_path.rglob("*.safetensors")]
+    assert written
+    for path in written:
+        assert {t.dtype for k, t in load_file(str(path)).items() if not k.endswith(".alpha")} == {torch.float16}

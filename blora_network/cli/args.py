@@ -117,10 +117,9 @@ DTYPE_CHOICES = ("bf16", "fp16", "fp32")
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
-    """``--dtype``, for the writers that scale: a wider file than an fp8 source, where fp8 would round."""
+    """``--dtype`` on the writers: e.g. a wider file than an fp8 source, where scaling would round."""
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="write the layers in this dtype (default: each keeps its "
-                                                          "own; an fp8 file scaled by a weight that is not a power of "
-                                                          "two loses a few %% of dW to rounding)")
+                                                          "own; scaling an fp8 file rounds dW, and says by how much)")
 
 
 def add_output_args(p: argparse.ArgumentParser) -> None:

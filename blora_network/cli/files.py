@@ -140,12 +140,14 @@ def _add_split(p) -> None:
     p.add_argument("--blocks", type=roles, help=f"only these blocks, comma-separated: {_ROLE_HELP}")
     p.add_argument("--out-dir", metavar="DIR", type=output_path, help="folder for the files (default: FILE's folder)")
     p.add_argument("--force", action="store_true", help="replace existing files")
+    add_dtype_arg(p)
 
 
 def _run_split(args) -> Output:
     from blora_network.tools.transforms import split
 
-    result = split(args.file, out_dir=args.out_dir, roles=args.blocks, force=args.force, progress=progress_bar(args))
+    result = split(args.file, out_dir=args.out_dir, roles=args.blocks, force=args.force, progress=progress_bar(args),
+                   dtype=args.dtype)
     lines = [_describe_written(f) for f in result.files]
     if result.skipped_modules:
         lines.append(f"note: {count(result.skipped_modules, 'layer')} outside the B-LoRA blocks were not written")
@@ -200,12 +202,14 @@ def _add_extract(p) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--blocks", type=roles, required=True, help=f"comma-separated: {_ROLE_HELP}")
     add_output_args(p)
+    add_dtype_arg(p)
 
 
 def _run_extract(args) -> Output:
     from blora_network.tools.transforms import extract
 
-    return _written(extract(args.file, args.blocks, args.output, force=args.force, progress=progress_bar(args)))
+    return _written(extract(args.file, args.blocks, args.output, force=args.force, progress=progress_bar(args),
+                            dtype=args.dtype))
 
 
 def _add_convert(p) -> None:

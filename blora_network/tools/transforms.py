@@ -208,11 +208,12 @@ def split_paths(path, out_dir=None, roles: Optional[Iterable[str]] = None) -> di
 
 
 def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: bool = False,
-          progress: Optional[Progress] = None) -> SplitResult:
+          progress: Optional[Progress] = None, dtype: Optional[str] = None) -> SplitResult:
     """One file per B-LoRA block found (or per block in ``roles``, which must all be present).
 
     ``out_dir`` is made when it does not exist yet (and removed again if the split fails).
     """
+    cast = output_dtype(dtype)
     lora = open_sdxl_lora(path)
     if roles:
         lora.require_roles(roles, " to split out")
@@ -221,14 +222,14 @@ def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, force: b
         chosen = lora.roles()
     made = make_folders(Path(out_dir)) if out_dir is not None else []
     try:
-        return _split(lora, chosen, split_paths(lora.path, out_dir, chosen), force, progress)
+        return _split(lora, chosen, split_paths(lora.path, out_dir, chosen), force, progress, cast)
     except BaseException:
         remove_folders(made)  # only empty ones: _split removed the files it made
         raise
 
 
 def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: bool,
-           progress: Optional[Progress]) -> SplitResult:
+           progress: Optional[Progress], cast=None) -> SplitResult:
     for target in targets.values():  # refuse before writing anything
         check_output_path(target, overwrite=force, inputs=[lora.path])
     parts = []
@@ -237,7 +238,7 @@ def _split(lora: LoraFile, chosen: list[str], targets: dict[str, Path], force: b
         # the style block must not leave a content file behind.
         for role in chosen:
             out = _Output()
-            _gather(lora, reader, lora.role_layers(role), out, progress, desc=f"reading {role}")
+            _gather(lora, reader, lora.role_layers(role), out, progress, desc=f"reading {role}", dtype=cast)
             parts.append((role, out))
     files, created = [], []
     try:
@@ -352,13 +353,14 @@ def scale(path, weights: Mapping[str, float], output, *, force: bool = False,
 # -- extract ----------------------------------------------------------------------------------
 
 def extract(path, roles: Sequence[str], output, *, force: bool = False,
-            progress: Optional[Progress] = None) -> WrittenFile:
+            progress: Optional[Progress] = None, dtype: Optional[str] = None) -> WrittenFile:
     """From a LoRA trained on the whole UNet, keep the attention layers of the chosen blocks.
 
     These are exactly the layers the B-LoRA presets train (attn1/attn2 to_q, to_k, to_v,
     to_out.0: 80 per full-size block); ff, proj_in/proj_out and everything else is left out.
     """
     roles = [lookup_block(r).role for r in roles]
+    cast = output_dtype(dtype)
     lora = open_sdxl_lora(path)
     lora.require_roles(roles, " to extract")
     for role in roles:
@@ -373,7 +375,7 @@ def extract(path, roles: Sequence[str], output, *, force: bool = False,
     layers = [m for r in roles for m in lora.role_layers(r, attention_only=True)]
     out = _Output()
     with lora.reader() as reader:
-        _gather(lora, reader, layers, out, progress)
+        _gather(lora, reader, layers, out, progress, dtype=cast)
         weights = cumulative_weights(lora.metadata, {}, roles)
         done = out.finish(lora.metadata, [_source(lora, roles, {})], weights)
         skipped = len(lora.layers) - len(layers)
