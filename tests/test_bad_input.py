@@ -402,7 +402,7 @@ def test_bad_input_gives_one_clear_message(case: Case, tmp_path, blora_file, cap
         assert word.format(tmp=tmp_path) in message, f"{word!r} not in {message!r}"
     # nothing half-written, no temp file left behind
     after = [p.name for p in tmp_path.iterdir() if p.name not in before]
-    assert not [n for n in after if n.endswith(".tmp")], after
+    assert not [n for n in after if ".blora-tmp-" in n], after
     assert not (tmp_path / "x.safetensors").exists()
     assert blora_file.stat().st_size > 0
 
@@ -493,7 +493,7 @@ def test_metadata_is_returned_as_text_never_evaluated(tmp_path, capsys):
 def test_inspect_does_not_pass_terminal_control_characters_through(tmp_path, capsys):
     path = tmp_path / "escape.safetensors"
     name = "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q"
-    write_safetensors_hashed(path, {f"{name}.lora_down.weight": torch.zeros(2, 8), f"{name}.lora_up.weight": torch.zeros(8, 2)},
+    write_safetensors_hashed(path, {f"{name}.lora_down.weight": torch.zeros(2, 1280), f"{name}.lora_up.weight": torch.zeros(1280, 2)},
                       {"ss_network_module": "\x1b[2J\x1b[31mred\x07", "blora_preset": "x\x1b]0;new title\x07"})
     assert cli("inspect", path) == 0
     out = capsys.readouterr().out

@@ -2,9 +2,9 @@
 networks (ours and LyCORIS's own) in one process.
 
 What a killed write can leave behind: every write goes to a hidden temporary file beside the
-target (``.NAME.XXXXXXXX.tmp``), renamed over the target only when complete. An exception
-removes the temporary file; a SIGKILL cannot, so a ``.NAME.*.tmp`` may remain. The target is
-never touched until the rename, and nothing reads the temporary names; deleting them is safe.
+target (``.NAME.blora-tmp-HOST-PID-XXXXXXXX``), renamed over the target only when complete. An
+exception or SIGTERM removes the temporary file; a SIGKILL cannot, so one may remain until the next
+write to that folder removes it. The target is never touched until the rename.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def _tensors(seed=0, n=4, size=64):
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+    return sorted(p.name for p in folder.iterdir() if ".blora-tmp-" in p.name)
 
 
 class DiskFull(OSError):
@@ -158,10 +158,10 @@ def test_tool_killed_mid_write_leaves_target_intact(tmp_path):
     src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     g = torch.Generator().manual_seed(0)
     tensors = {}
-    for i in range(10):  # about 40 MiB: the slow writer needs ~0.8 s
+    for i in range(10):  # about 50 MiB (SDXL's 1280-wide layers): the slow writer needs ~1 s
         name = f"lora_unet_output_blocks_1_1_transformer_blocks_{i}_attn1_to_q"
-        tensors[f"{name}.lora_down.weight"] = torch.randn(512, 1024, generator=g)
-        tensors[f"{name}.lora_up.weight"] = torch.randn(1024, 512, generator=g)
+        tensors[f"{name}.lora_down.weight"] = torch.randn(512, 1280, generator=g)
+        tensors[f"{name}.lora_up.weight"] = torch.randn(1280, 512, generator=g)
         tensors[f"{name}.alpha"] = torch.tensor(512.0)
     write_safetensors_hashed(src, tensors)
     write_safetensors_hashed(out, _tensors(seed=5))  # the user's previous output
@@ -174,7 +174,7 @@ def test_tool_killed_mid_write_leaves_target_intact(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            partial = [p for p in tmp_path.glob(".out.safetensors.*.tmp") if p.stat().st_size > (4 << 20)]
+            partial = [p for p in tmp_path.glob(".out.safetensors.blora-tmp-*") if p.stat().st_size > (4 << 20)]
             if partial:
                 break
             time.sleep(0.005)
@@ -189,9 +189,10 @@ def test_tool_killed_mid_write_leaves_target_intact(tmp_path):
     assert all(torch.equal(v, _tensors(seed=5)[k]) for k, v in load_tensors(out).items())
     left = _leftovers(tmp_path)
     assert left and all(n.startswith(".out.safetensors.") for n in left)  # only our hidden temp file
-    # the next run replaces the target normally; the stale temp file is harmless
+    # the next run replaces the target normally and removes the killed run's temporary file
     assert cli_main(["scale", str(src), "--style", "0.5", "-o", str(out), "--force"]) == 0
     assert load_tensors(out).keys() == tensors.keys()
+    assert _leftovers(tmp_path) == []
 
 
 # -- resume and save twice -----------------------------------------------------------------------

@@ -31,7 +31,7 @@ TORCH_FREE = [
     "blora_network", "blora_network.errors", "blora_network.tomlfile",
     "blora_network.sdxl", "blora_network.sdxl.names", "blora_network.sdxl.blocks",
     "blora_network.network", "blora_network.network.options", "blora_network.network.presets",
-    "blora_network.files", "blora_network.tools",
+    "blora_network.files", "blora_network.files.writes", "blora_network.tools",
     "blora_network.sdscripts", "blora_network.sdscripts.args", "blora_network.sdscripts.images",
     "blora_network.sdscripts.recipe", "blora_network.sdscripts.check", "blora_network.sdscripts.kohya_gui",
     "blora_network.cli", "blora_network.cli.main", "blora_network.cli.args",

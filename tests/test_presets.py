@@ -142,3 +142,8 @@ def test_wheel_ships_the_presets(tmp_path):
         assert f"blora_network/network/builtin_presets/{name}.toml" in names
     source = {str(p.relative_to(ROOT)).replace("\\", "/") for p in (ROOT / "blora_network").rglob("*.py")}
     assert source - set(names) == set(), "modules of the source tree missing from the wheel"
+    # the metadata says Apache-2.0: the license text ships with it, as the license requires
+    license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE"))
+    text = zipfile.ZipFile(wheel).read(license_file).decode()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert text == (ROOT / "LICENSE").read_text()

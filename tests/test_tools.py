@@ -524,7 +524,7 @@ def test_tools_read_only_the_tensors_they_keep(tmp_path, tool):
     content = full_attention_layers(["content"])
     # ~94 MB of layers to skip (input_blocks sort before output_blocks in the data section) and
     # ff layers interleaved with the kept attention layers
-    big = [Layer(f"input_blocks.{4 + i % 2}.1.transformer_blocks.{i // 2}.ff.net.0.proj", 1280, 10240) for i in range(64)]
+    big = [Layer(f"input_blocks.7.1.transformer_blocks.{i}.ff.net.0.proj", 1280, 10240) for i in range(64)]  # SDXL widths
     big += [Layer(f"output_blocks.0.1.transformer_blocks.{i}.ff.net.2", 5120, 1280) for i in range(10)]
     src = write_kohya(tmp_path / "big.safetensors", content + big, 64, dtype=torch.float16)
     if not _evict(src):

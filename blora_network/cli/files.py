@@ -8,11 +8,21 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from blora_network.errors import BLoraError
+from blora_network.errors import BLoraError, count
 from blora_network.sdxl.blocks import BLOCKS, LAYER_CHOICES, ROLES, SDXL_BLOCKS, lookup_sdxl_block
 from blora_network.sdxl.names import WRITE_SPELLINGS
 
-from .args import Once, add_output_args, block_file, block_names, block_weight, positive_int, weight
+from .args import (
+    Once,
+    add_dtype_arg,
+    add_output_args,
+    block_file,
+    block_names,
+    block_weight,
+    output_path,
+    positive_int,
+    weight,
+)
 from .subcommand import Output, Subcommand, human_size, printable, progress_bar
 
 __all__ = ["FILE_COMMANDS", "format_norm"]
@@ -50,7 +60,7 @@ def _run_inspect(args) -> Output:
 
     rep = inspect(args.file, norms=not args.no_norms, progress=progress_bar(args))
     dtypes = ", ".join(f"{d} x{n}" if len(rep.dtypes) > 1 else d for d, n in rep.dtypes.items())
-    lines = [f"{rep.file}: {human_size(rep.file_bytes)}, {rep.modules} layers, {dtypes}, "
+    lines = [f"{rep.file}: {human_size(rep.file_bytes)}, {count(rep.modules, 'layer')}, {dtypes}, "
              f"{'/'.join(rep.spellings)} names, model {rep.model}",
              f"  {'block':<8} {'where':<22} {'layers':>6} {'rank':>9} {'alpha':>9} {'algo':<10} {'||dW||':>10}"]
     for b in rep.blocks.values():
@@ -74,7 +84,7 @@ def _run_inspect(args) -> Output:
 
 def _add_analyze(p) -> None:
     p.add_argument("file", metavar="FILE")
-    p.add_argument("--plot", metavar="OUT.png", help="also draw the chart as a PNG (.svg and .pdf work too)")
+    p.add_argument("--plot", metavar="OUT.png", type=output_path, help="also draw the chart as a PNG (.svg and .pdf work too)")
     p.add_argument("--top", type=positive_int, metavar="N",
                    help="list only the N blocks with the largest change (default: every block, in UNet order)")
     p.add_argument("--force", action="store_true", help="replace OUT.png if it exists")
@@ -103,7 +113,7 @@ def _run_analyze(args) -> Output:
         from blora_network.tools.plot import render
 
         chart = str(render(rep, args.plot, overwrite=args.force, inputs=[args.file]))
-    te = (f"; text encoders: {sum(t.modules for t in rep.text_encoders)} layers, ||dW||_F "
+    te = (f"; text encoders: {count(sum(t.modules for t in rep.text_encoders), 'layer')}, ||dW||_F "
           f"{rep.text_encoder_norm:.4g} (not in the shares)" if rep.text_encoders else "")
     lines = [f"{rep.file}: model {rep.model}, {rep.unet_modules} UNet layers ({'/'.join(rep.spellings)} names), "
              f"UNet ||dW||_F {rep.unet_norm:.4g}{te}"]
@@ -119,7 +129,7 @@ def _run_analyze(args) -> Output:
     shown = {r.block for r in rows}
     hidden = [r for r in rep.blocks if r.block not in shown]
     if hidden:
-        lines.append(f"  ... and {len(hidden)} more blocks ({_share(sum(r.share for r in hidden))} together)")
+        lines.append(f"  ... and {count(len(hidden), 'more block')} ({_share(sum(r.share for r in hidden))} together)")
     cells = "".join(f" {_share(rep.kinds[k].share):>10}" for k in kinds)
     lines.append(f"  {'UNet':<18} {'':<12} {sum(r.modules for r in rep.blocks):>6} {format_norm(rep.unet_norm):>10} "
                  f"{_share(1.0 if rep.unet_norm else 0.0):>7}{cells}")
@@ -142,7 +152,7 @@ def _run_analyze(args) -> Output:
 def _describe_written(f) -> str:
     """``wrote OUT: content, style (160 layers, 1.2 MiB); applied style x0.7; since training style x0.56``."""
     blocks = ", ".join(f.blocks) or "no B-LoRA block"
-    text = f"wrote {f.path}: {blocks} ({f.modules} layers, {human_size(f.bytes)})"
+    text = f"wrote {f.path}: {blocks} ({count(f.modules, 'layer')}, {human_size(f.bytes)})"
     applied = {r: w for r, w in f.applied.items() if w != 1.0}
     if applied:
         text += "; applied " + ", ".join(f"{r} x{w:g}" for r, w in applied.items())
@@ -160,18 +170,20 @@ def _add_split(p) -> None:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--blocks", type=block_names, help=f"only these blocks, comma-separated: {_BLOCK_HELP}")
     _add_layers(p, "attention")
-    p.add_argument("--out-dir", metavar="DIR", help="folder for the files (default: FILE's folder)")
+    p.add_argument("--out-dir", metavar="DIR", type=output_path, help="folder for the files (default: FILE's folder)")
     p.add_argument("--force", action="store_true", help="replace existing files")
+    add_dtype_arg(p)
 
 
 def _run_split(args) -> Output:
     from blora_network.tools.transforms import split
 
     result = split(args.file, out_dir=args.out_dir, roles=args.blocks, layers=args.layers, force=args.force,
-                   progress=progress_bar(args))
+                   progress=progress_bar(args), dtype=args.dtype)
     lines = [_describe_written(f) for f in result.files]
     if result.skipped_modules:
-        lines.append(f"note: {result.skipped_modules} layers outside the chosen blocks' {args.layers} layers were not written")
+        lines.append(f"note: {count(result.skipped_modules, 'layer')} outside the chosen blocks' {args.layers} layers "
+                     "were not written")
     return result, lines
 
 
@@ -186,6 +198,7 @@ def _add_combine(p) -> None:
                    help="weight of a block given with --block (default 1)")
     _add_layers(p, "transformer")
     add_output_args(p)
+    add_dtype_arg(p)
 
 
 def _run_combine(args) -> Output:
@@ -210,7 +223,8 @@ def _run_combine(args) -> Output:
     sources += [BlockSource(n, f, weights.get(lookup_sdxl_block(n).name, 1.0)) for n, f in args.block]
     if not sources:
         raise BLoraError("nothing to combine: give --content FILE, --style FILE, --layout FILE and/or --block NAME=FILE")
-    return _written(combine(sources, args.output, layers=args.layers, force=args.force, progress=progress_bar(args)))
+    return _written(combine(sources, args.output, layers=args.layers, force=args.force, progress=progress_bar(args),
+                            dtype=args.dtype))
 
 
 def _add_scale(p) -> None:
@@ -226,6 +240,7 @@ def _add_scale(p) -> None:
                    help="bake a ComfyUI Inspire Pack block_vector (BASE, then one value per UNet block the file "
                         "holds; 12 values or more) as LoraLoaderBlockWeight applies it")
     add_output_args(p)
+    add_dtype_arg(p)
 
 
 def _run_scale(args) -> Output:
@@ -237,7 +252,7 @@ def _run_scale(args) -> Output:
     if not weights and not (args.lbw or args.inspire):
         raise BLoraError("no weight given: pass --content W, --style W, --layout W, --block NAME=W, --lbw or --inspire")
     return _written(scale(args.file, weights, args.output, lbw=args.lbw, inspire=args.inspire, force=args.force,
-                          progress=progress_bar(args)))
+                          progress=progress_bar(args), dtype=args.dtype))
 
 
 def _add_extract(p) -> None:
@@ -245,13 +260,14 @@ def _add_extract(p) -> None:
     p.add_argument("--blocks", type=block_names, required=True, help=f"comma-separated: {_BLOCK_HELP}")
     _add_layers(p, "attention")
     add_output_args(p)
+    add_dtype_arg(p)
 
 
 def _run_extract(args) -> Output:
     from blora_network.tools.transforms import extract
 
     return _written(extract(args.file, args.blocks, args.output, layers=args.layers, force=args.force,
-                            progress=progress_bar(args)))
+                            progress=progress_bar(args), dtype=args.dtype))
 
 
 def _add_convert(p) -> None:

@@ -9,7 +9,11 @@ document for ``--json``, and the lines to print otherwise. :func:`main` owns the
   command line, with that subcommand's usage and the closest option), never a traceback;
 - with ``--json``, stdout holds exactly one JSON document: anything else written while the
   work runs (a library's log lines) goes to stderr;
-- a closed pipe (``| head``) ends the command quietly.
+- a closed pipe (``| head``) ends the command quietly;
+- Ctrl-C and SIGTERM end with one line that says what became of each file the command was
+  writing (replaced, untouched, not written), from the library's record of its writes, and exit
+  status 128 + the signal's number;
+- no option may be given twice (:func:`.args.refuse_repeats`).
 
 Nothing here imports torch, so ``--help`` and usage errors are instant.
 """
@@ -21,13 +25,17 @@ import contextlib
 import difflib
 import json
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict, is_dataclass
 from typing import Any, Iterator, Optional, Sequence
 
 from blora_network import __version__
-from blora_network.errors import BLoraError
+from blora_network.errors import BLoraError, Terminated
+from blora_network.files import writes
 
+from .args import refuse_repeats
 from .files import FILE_COMMANDS
 from .subcommand import Subcommand, printable
 from .training import TRAINING_COMMANDS
@@ -65,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="print one JSON document for scripts (logs go to stderr)")
         p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
         p.set_defaults(_command=command, _parser=p)
+        refuse_repeats(p)
     return parser
 
 
@@ -116,20 +125,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args._parser.error(f"unrecognized arguments: {' '.join(unknown)}{_closest_options(args._parser, unknown)}")
     prefix = f"{PROG} {command.name}: error:"
     as_json = bool(getattr(args, "json", False))
+    fates: list = []
     data: Any = None
     try:
         try:
-            with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            with _stdout_to_stderr() if as_json else contextlib.nullcontext(), _sigterm_interrupts(), \
+                    writes.journal() as fates:
                 data, lines = command.run(args)
-        except (BLoraError, OSError) as e:  # OSError: disk full, permission denied while writing...
+        except (BLoraError, OSError) as e:  # OSError: disk full, permission denied, a name too long...
             print(f"{prefix} {_one_line(e)}", file=sys.stderr)
             return 1
         except MemoryError:
             print(f"{prefix} out of memory; close other programs or use a machine with more memory", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:
-            print(f"{PROG}: interrupted; no partial file was left behind", file=sys.stderr)
-            return 130
+        except KeyboardInterrupt as e:
+            print(f"{PROG} {command.name}: {_interrupted(e, fates)}", file=sys.stderr)
+            return 128 + (e.signum if isinstance(e, Terminated) else signal.SIGINT)
         except Exception as e:  # a bug of ours: still one line, and an exit status of its own
             print(f"{prefix} unexpected {type(e).__name__}: {_one_line(e)} (this is a bug in blora-network "
                   f"{__version__}; please report it with the command line)", file=sys.stderr)
@@ -144,5 +155,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(getattr(data, "exit_status", 0))
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a job scheduler) ends the command as Ctrl-C does: cleanups run."""
+    def _raise(signum, frame):
+        raise Terminated(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(e: KeyboardInterrupt, fates: Sequence[writes.FileFate]) -> str:
+    """``terminated (SIGTERM); out.safetensors is untouched (...)``: the truth about each file."""
+    what = f"terminated ({signal.Signals(e.signum).name})" if isinstance(e, Terminated) else "interrupted"
+    if not fates:
+        return f"{what} before any file was written"
+    return f"{what}; " + "; ".join(f.describe() for f in fates)
+
+
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, BLoraError) and e.errno and e.filename:
+        e = writes.describe_os_error(e.filename, e.errno, "cannot use this path")  # not a bare "[Errno 36]"
     return printable(" ".join(str(e).split()))

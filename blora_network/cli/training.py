@@ -10,13 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from blora_network.errors import BLoraError
+from blora_network.errors import BLoraError, count
 from blora_network.sdscripts.check import check_arguments
 from blora_network.sdscripts.recipe import PAPER, write_recipe
 from blora_network.sdxl.blocks import lookup_block, sdxl_block_of
 from blora_network.tools import demo
 
-from .args import positive_int
+from .args import output_path, positive_int, positive_number
 from .subcommand import Output, Subcommand, human_size
 
 __all__ = ["TRAINING_COMMANDS"]
@@ -38,7 +38,7 @@ def _run_presets(args) -> Output:
     for p in items:
         name = p.name + (" (default)" if p.name == DEFAULT_PRESET else "")
         blocks = ", ".join(f"{b.role} {b.ldm}: {p.blocks.get(b.ldm, 0)}" for b in map(lookup_block, p.roles))
-        lines.append(f"  {name:<{width}} {p.modules:>4} layers   {blocks}")
+        lines.append(f"  {name:<{width}} {p.modules:>4} {'layer ' if p.modules == 1 else 'layers'}  {blocks}")
     lines.append("Use one with: --network_module blora_network --network_args \"preset=NAME\"; "
                  "see a custom TOML with: blora-network plan --preset my.toml --dim 64")
     return [asdict(p) for p in items], lines
@@ -97,11 +97,11 @@ def _add_demo(p) -> None:
     p.add_argument("--preset", default="content_style", help="built-in preset name or TOML path (default: content_style)")
     p.add_argument("--dim", type=positive_int, default=8, help="LoRA rank (default: 8)")
     p.add_argument("--steps", type=positive_int, default=30, help="training steps (default: 30)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: 1e-3)")
+    p.add_argument("--lr", type=positive_number, default=1e-3, help="learning rate (default: 1e-3)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: 1, the fastest for this tiny model, on a busy machine too)")
-    p.add_argument("-o", "--output", default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
+    p.add_argument("-o", "--output", type=output_path, default="blora_demo.safetensors", help="file to write (default: blora_demo.safetensors)")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists")
 
 
@@ -113,14 +113,15 @@ def _run_demo(args) -> Output:
 
     logging.getLogger("LyCORIS").setLevel(logging.WARNING)  # the summary below says what it would log
     result = demo.train(preset=args.preset, dim=args.dim, steps=args.steps, lr=args.lr, device=args.device,
-                   output=args.output, force=args.force, threads=args.threads, progress=not args.json)
+                   output=args.output, force=args.force, threads=args.threads,
+                   progress=not (args.json or args.no_progress))
     where = result.device + (f", {result.threads} torch thread{'s' if result.threads != 1 else ''}"
                              f"{' (the fastest for this tiny model; --threads N to change)' if args.threads is None else ''}"
                              if result.threads else "")
     lines = [f"blora-network demo: preset {result.preset}, rank {result.dim}, {result.steps} AdamW steps on {where}; "
              f"torch {result.torch}"]
     for role, s in result.blocks.items():
-        lines.append(f"  {role:<8} {s['modules']:>4} modules  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
+        lines.append(f"  {role:<8} {s['modules']:>4} {'module ' if s['modules'] == 1 else 'modules'}  {s['parameters']:>9,} parameters  rank {s['rank']}  alpha {s['alpha']:g}")
     lines.append(f"  trainable parameters: {result.trainable_parameters:,}")
     lines.append(f"  loss: {result.loss_before:.6f} -> {result.loss_after:.6f} "
                  f"({(1 - result.loss_after / result.loss_before) * 100:.1f}% lower)")
@@ -140,7 +141,7 @@ def _add_recipe(p) -> None:
                                                     "optional caption files NAME.txt; or the kohya layout "
                                                     "IMAGES/N_class tokens/ (N repeats)")
     p.add_argument("--model", required=True, metavar="SDXL.safetensors", help="the SDXL base checkpoint to train on")
-    p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR",
+    p.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", type=output_path,
                    help="folder for NAME.toml, NAME_dataset.toml and NAME_kohya_gui.json (created if missing); the LoRA "
                         "is saved there too")
     p.add_argument("--name", help="name of the run and of the files (default: the image folder's name)")
@@ -160,7 +161,7 @@ def _scan_lines(result) -> list[str]:
     images = scan.usable
     captions = sum(1 for i in images if i.caption_file)
     sizes = sorted({f"{i.width}x{i.height}" for i in images})
-    shown = ", ".join(sizes[:6]) + (f" and {len(sizes) - 6} more sizes" if len(sizes) > 6 else "")
+    shown = ", ".join(sizes[:6]) + (f" and {count(len(sizes) - 6, 'more size')}" if len(sizes) > 6 else "")
     token = (f"{len(scan.subsets)} kohya folder(s) N_class tokens" if scan.kohya_layout else
              f"trigger token {scan.token!r}")
     lines = [f"{scan.folder}: {len(images)} image(s) ({shown}), {captions} with a caption file "

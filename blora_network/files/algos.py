@@ -38,6 +38,10 @@ import torch
 from blora_network.errors import LoraFileError
 
 __all__ = [
+    "FP8_DTYPES",
+    "OUTPUT_DTYPES",
+    "output_dtype",
+    "scaling_loss",
     "LORA_SUFFIXES",
     "LOHA_SUFFIXES",
     "LOKR_SUFFIXES",
@@ -327,6 +331,40 @@ def scale_tensors(algo: str, tensors: Mapping[str, torch.Tensor], weight: float,
     t = tensors[factor]
     out[factor] = (t.to(torch.float32) * float(weight)).to(t.dtype)
     return out
+
+
+OUTPUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+"""The dtypes the writers' ``--dtype`` offers: wide enough that scaling loses nothing worth saying."""
+
+
+def output_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """``bf16`` -> ``torch.bfloat16``; None keeps each tensor's own dtype."""
+    if name is None:
+        return None
+    if name not in OUTPUT_DTYPES:
+        raise LoraFileError(f"dtype {name!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
+    return OUTPUT_DTYPES[name]
+
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+
+
+def scaling_loss(algo: str, tensors: Mapping[str, torch.Tensor], weight: float) -> Optional[float]:
+    """The share of a layer's scaled ``dW`` lost to rounding when fp8 ``tensors`` are scaled by ``weight``:
+    ``||dW(stored) - w dW|| / ||w dW||``; None for a wider dtype (its rounding is far below a percent).
+    fp8 has 3 or 2 mantissa bits, so a weight such as 0.7 moves each element by up to 6-12% of itself;
+    a power of two moves only the elements it pushes below fp8's normal range."""
+    if weight in (0.0, 1.0) or "dora_scale" in tensors:
+        return None
+    factor = scaled_factor(algo, list(tensors))
+    if tensors[factor].dtype not in FP8_DTYPES:
+        return None
+    exact = dict(tensors)
+    exact[factor] = tensors[factor].to(torch.float32) * float(weight)
+    stored = scale_tensors(algo, tensors, weight)
+    want = delta_weight(algo, exact)
+    norm = float(want.double().norm())
+    return float((delta_weight(algo, stored) - want).double().norm()) / norm if norm > 0 else None
 
 
 # -- one alpha per file ------------------------------------------------------------------------

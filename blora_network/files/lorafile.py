@@ -24,8 +24,15 @@ from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-from blora_network.errors import LoraFileError
-from blora_network.sdxl.blocks import BLOCKS, SdxlBlock, label_of_kohya_name, lookup_block, role_of_kohya_name, sdxl_block_of
+from blora_network.errors import LoraFileError, count
+from blora_network.sdxl.blocks import (
+    BLOCKS,
+    SdxlBlock,
+    label_of_kohya_name,
+    lookup_block,
+    role_of_kohya_name,
+    sdxl_block_of,
+)
 from blora_network.sdxl.names import (
     CONTEXT_WIDTH_MODEL,
     SD_BLOCK_WIDTHS,
@@ -34,7 +41,9 @@ from blora_network.sdxl.names import (
     block_order,
     is_attention_layer,
     ldm_path_of_kohya_name,
+    other_architecture,
     parse_lora_key,
+    sdxl_linear_shape,
     transformer_block_of,
 )
 
@@ -186,15 +195,15 @@ class LoraFile:
 
     def describe_blocks(self) -> str:
         """One line naming every block the file holds, for error messages."""
-        parts = [f"{r} ({len(self.role_layers(r))} modules)" for r in self.roles()]
+        parts = [f"{r} ({count(len(self.role_layers(r)), 'module')})" for r in self.roles()]
         shown = list(self.other_blocks().items())
         if shown:
             text = ", ".join(f"{b} ({n})" for b, n in shown[:8])
             if len(shown) > 8:
-                text += f" and {len(shown) - 8} more blocks"
+                text += f" and {count(len(shown) - 8, 'more block')}"
             parts.append(text)
         if self.unparsed:
-            parts.append(f"{len(self.unparsed)} tensors that are not LoRA layers")
+            parts.append(f"{count(len(self.unparsed), 'tensor')} that {'is not a LoRA layer' if len(self.unparsed) == 1 else 'are not LoRA layers'}")
         return "; ".join(parts) if parts else "no LoRA layers at all"
 
     def require_roles(self, roles, what: str = "") -> None:
@@ -430,18 +439,49 @@ def open_sdxl_lora(path, *, need_blora: bool = True) -> LoraFile:
     message says what the file holds instead.
     """
     lora = open_lora(path)
+    other = _by_architecture(lora)
+    if other is not None:
+        raise LoraFileError(f"{lora.path}: {other.reason}; B-LoRA blocks exist only in SDXL")
     if not lora.layers:
         raise LoraFileError(
-            f"{lora.path}: holds no LoRA layers ({len(lora.unparsed)} tensors, none named like a LoRA: "
+            f"{lora.path}: holds no LoRA layers ({count(len(lora.unparsed), 'tensor')}, none named like a LoRA: "
             f"e.g. {lora.unparsed[0]!r})" if lora.unparsed else f"{lora.path}: holds no tensors at all"
         )
     guess = guess_model(lora)
     if guess.model not in ("sdxl", "unknown", "demo"):
         raise LoraFileError(f"{lora.path}: {guess.reason}; B-LoRA blocks exist only in SDXL")
+    for layer in lora.layers.values():
+        _refuse_malformed(lora.path, layer, check_shape=guess.model == "sdxl")
     if need_blora and not lora.roles():
         known = ", ".join(f"{b.role} {b.ldm}" for b in BLOCKS)
         raise LoraFileError(f"{lora.path}: holds no B-LoRA block ({known}); it holds: {lora.describe_blocks()}")
     return lora
+
+
+_INTEGER_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}
+
+
+def _refuse_malformed(path: Path, layer: LoraLayer, *, check_shape: bool) -> None:
+    """Tensors no trainer writes, named by key before any tool uses them: integer factors (a quantized
+    file this math cannot read), an alpha that is not one number, a factor whose width does not fit
+    the SDXL layer its name gives (it would fail to load, or load into nothing, in sd-scripts and the UIs)."""
+    for suffix, key in layer.keys.items():
+        dtype, shape = layer.dtypes[suffix], layer.shapes[suffix]
+        if suffix == "alpha":
+            if math.prod(shape) != 1:
+                raise LoraFileError(f"{path}: {key} holds {math.prod(shape)} numbers {list(shape)}; an alpha is one "
+                                    "number (the file is damaged or not a LoRA)")
+        elif dtype in _INTEGER_DTYPES:
+            raise LoraFileError(f"{path}: {key} is {dtype}, an integer tensor; LoRA factors are floating point "
+                                "(a quantized file?): use the float16/bfloat16/float32 original")
+    expected = sdxl_linear_shape(layer.ldm_path) if check_shape and layer.ldm_path else None
+    if expected is None or layer.out_features is None or layer.in_features is None:
+        return
+    for got, want, factors, side in ((layer.out_features, expected[0], _OUT_FACTORS, "output"),
+                                     (layer.in_features, expected[1], _IN_FACTORS, "input")):
+        if got != want:
+            raise LoraFileError(f"{path}: {_key(layer, factors)} has {side} width {got}, but SDXL's {layer.ldm_path} "
+                                f"is {expected[0]}x{expected[1]} (out x in): the file is damaged or not an SDXL LoRA")
 
 
 # -- which model a file was made for ----------------------------------------------------------
@@ -480,8 +520,20 @@ def guess_model(lora: LoraFile) -> ModelGuess:
     """
     if KEY_DEMO in lora.metadata:
         return ModelGuess("demo", DEMO_TEXT)
-    found = _by_text_width(lora) or _by_block_widths(lora) or _by_layout(lora) or _by_metadata(lora.metadata)
+    found = _by_architecture(lora) or _by_text_width(lora) or _by_block_widths(lora) or _by_layout(lora) or _by_metadata(lora.metadata)
     return found or ModelGuess("unknown", "no layer or metadata says which model")
+
+
+def _by_architecture(lora: LoraFile) -> Optional[ModelGuess]:
+    """Flux and SD3 files, by names no SDXL layer has (their layers are not SDXL's, so most keys do
+    not even parse as layers)."""
+    for key in [m.spelled for m in lora.layers.values()] + list(lora.unparsed):
+        model = other_architecture(key)
+        if model is not None:
+            article = "an" if model.startswith("SD") else "a"
+            return ModelGuess(model.lower().replace(" ", "_"), f"{article} {model} LoRA: it has {key}, a layer of "
+                                                                f"{'that model' if ' or ' in model else model}")
+    return None
 
 
 def _by_text_width(lora: LoraFile) -> Optional[ModelGuess]:

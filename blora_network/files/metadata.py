@@ -47,6 +47,7 @@ __all__ = [
     "tool_metadata",
     "source_entry",
     "cumulative_weights",
+    "tidy_weight",
     "read_json_key",
     "label_order",
     "blocks_of_metadata",
@@ -185,8 +186,14 @@ def cumulative_weights(metadata: Mapping[str, str], applied: Mapping[str, float]
             prior = float(before.get(role, 1.0)) if isinstance(before, dict) else 1.0
         except (TypeError, ValueError):
             prior = 1.0
-        out[role] = prior * float(applied.get(role, 1.0))
+        out[role] = tidy_weight(prior * float(applied.get(role, 1.0)))
     return out
+
+
+def tidy_weight(w: float) -> float:
+    """A product of typed weights without its binary noise: 0.8 x 0.7 is 0.5599999999999999 in floating
+    point; 12 significant digits are far beyond any weight's meaning and give back 0.56, as typed."""
+    return float(f"{w:.12g}")
 
 
 def read_json_key(metadata: Mapping[str, str], key: str, default: Any = None) -> Any:

@@ -16,10 +16,15 @@ No pickle is ever given to the full unpickler.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import re
+import secrets
+import socket
+import time
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
@@ -30,8 +35,11 @@ from safetensors.torch import save_file as st_save_file
 
 from blora_network.errors import LoraFileError
 
+from . import writes
 from .algos import all_finite
 from .metadata import HASH_KEYS
+
+logger = logging.getLogger("blora_network")
 
 __all__ = [
     "PICKLE_SUFFIXES",
@@ -44,6 +52,11 @@ __all__ = [
     "load_weights_file",
     "check_output_path",
     "atomic_target",
+    "write_error",
+    "stale_temporaries",
+    "remove_stale_temporaries",
+    "make_folders",
+    "remove_folders",
     "read_header_layout",
     "write_safetensors_hashed",
     "save_pickle",
@@ -78,6 +91,12 @@ def _check_header(path: Path) -> tuple[dict, int, int]:
             if len(head) < 8:
                 raise LoraFileError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
             n = int.from_bytes(head, "little")
+            pickled = _pickle_kind(head)
+            if pickled and (n > MAX_METADATA_BYTES or n + 8 > size or f.read(1) != b"{"):
+                raise LoraFileError(f"{path}: this is {pickled} renamed .safetensors, not a safetensors file; "
+                                    "give it its real suffix (.pt/.ckpt), or convert it once (torch.load(..., "
+                                    "weights_only=True) then safetensors.torch.save_file)")
+            f.seek(8)
             if n > MAX_METADATA_BYTES or n + 8 > size:
                 hint = "the file is truncated" if n <= MAX_METADATA_BYTES else "this is not a safetensors file"
                 raise LoraFileError(
@@ -112,6 +131,16 @@ def _check_header(path: Path) -> tuple[dict, int, int]:
             f"only {size} are there (the download or the save did not finish; get the file again)"
         )
     return header, 8 + n, size
+
+
+def _pickle_kind(head: bytes) -> Optional[str]:
+    """What the first bytes say a file is when they are a pickle's: ``torch.save``'s zip archive
+    (``PK``) or a bare pickle (protocol 2-5 begins with 0x80 and the protocol number)."""
+    if head[:4] == b"PK\x03\x04":
+        return "a torch.save file (a zip archive holding a pickle)"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return f"a Python pickle (protocol {head[1]})"
+    return None
 
 
 @contextlib.contextmanager
@@ -181,7 +210,20 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
     ``suffixes``, when given, are the only endings accepted (sd-scripts, ComfyUI and A1111 list
     LoRAs by their ``.safetensors`` suffix, so a file without it would silently not show up).
     """
-    p = Path(path)
+    if not str(path).strip():
+        raise LoraFileError(f"{option} {str(path)!r}: an empty file name; give a file name ending in {suffix}")
+    try:
+        return _check_output_path(Path(path), overwrite, inputs, option, suffix, suffixes)
+    except LoraFileError:
+        raise
+    except OSError as e:  # a name too long, a folder we may not look into
+        raise write_error(Path(path), e, "cannot use this path") from None
+
+
+def _check_output_path(p: Path, overwrite: bool, inputs: Sequence, option: str, suffix: str,
+                       suffixes: Sequence[str]) -> Path:
+    if p.is_dir():  # before the suffix: "add .safetensors" would be the wrong fix for a folder
+        raise LoraFileError(f"{p}: is a folder; give a file name ending in {suffix}, e.g. {p / ('out' + suffix)}")
     if suffixes and p.suffix.lower() not in suffixes:
         hint = p.with_name(p.name + suffixes[0]) if p.suffix.lower() not in (".pt", ".ckpt") else p.with_suffix(suffixes[0])
         raise LoraFileError(f"{p}: the output name must end in {' or '.join(suffixes)} (the UIs and sd-scripts list "
@@ -192,11 +234,11 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
             same = p.exists() and os.path.samefile(p, src)
         if same:
             raise LoraFileError(f"{p}: refusing to write over an input file; choose another {option} path")
-    if p.exists() and p.is_dir():
-        raise LoraFileError(f"{p}: is a folder; give a file name ending in {suffix}")
     if p.exists() and not overwrite:
         raise LoraFileError(f"{p}: already exists; pass --force to replace it")
     parent = p.parent if str(p.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise LoraFileError(f"{p}: {parent} is a file, not a folder; give a folder for the output")
     if not parent.is_dir():
         raise LoraFileError(f"{p}: folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK):
@@ -204,30 +246,180 @@ def check_output_path(path: str | os.PathLike, *, overwrite: bool, inputs: Seque
     return p
 
 
-def _temp_beside(p: Path) -> tuple[int, str]:
-    """A temporary file in the target's folder (same filesystem, so the final rename is atomic)."""
+# -- writing: user-actionable OS errors ---------------------------------------------------------------
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def write_error(path: Path, error: BaseException, what: str = "cannot write") -> Optional[LoraFileError]:
+    """A failed write as one line naming the target, the errno's meaning and a fix; None when
+    ``error`` is not an OS error (a bug, which must stay visible as one).
+
+    safetensors' writer reports OS errors as text (``... (os error 28)``); that number is read back.
+    """
+    if isinstance(error, LoraFileError):
+        return error
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None:
+        found = _RUST_OS_ERROR.search(str(error))
+        if found is None:
+            return None if not isinstance(error, OSError) else LoraFileError(f"{path}: {what}: {error}")
+        code = int(found.group(1))
+    return LoraFileError(writes.describe_os_error(path, code, what))
+
+
+# -- writing: temporary files and what is left of them -------------------------------------------------
+
+_TMP_TAG = ".blora-tmp-"
+_TMP_NAME = re.compile(r"^\..*\.blora-tmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+STALE_AFTER_S = 6 * 3600
+"""A temporary file untouched this long is stale whoever wrote it. A live write keeps writing its
+file (a 2 GB save takes minutes, its fsync seconds), so no live write is this old; the PID test
+below cannot see writers on another machine or in another PID namespace, this rule can."""
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def _temp_name(p: Path) -> str:
+    """A fresh name in the target's folder (same filesystem, so the final rename is atomic),
+    ``.NAME.blora-tmp-HOST-PID-XXXXXXXX``, so that what a SIGKILL leaves is known as ours. Named
+    before it is created, so that a signal arriving just after the creation still finds it."""
     folder = p.parent if str(p.parent) else Path(".")
+    stem = p.name[:100]  # the target's name may be near NAME_MAX; the temporary one must still fit
+    return str(folder / f".{stem}{_TMP_TAG}{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _create(p: Path, tmp: str) -> None:
     try:
-        return tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(folder))
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
     except OSError as e:  # e.g. root on a read-only mount, where os.access says yes
-        raise LoraFileError(f"{p}: folder {folder} is not writable ({e.strerror or e})") from None
+        denied = e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        folder = Path(tmp).parent
+        raise write_error(p, e, f"folder {folder} is not writable" if denied else "cannot write") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine; True when we cannot tell. Never on Windows, where
+    ``os.kill(pid, 0)`` would terminate that process: there only the age rule removes leftovers."""
+    if pid <= 0 or os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def stale_temporaries(folder: Path, now: Optional[float] = None) -> list[Path]:
+    """Our temporary files in ``folder`` that no live write owns: left by a SIGKILL, a power cut or
+    an OOM kill. Stale when written on this machine by a process that is gone, or untouched for
+    :data:`STALE_AFTER_S` (a PID on another machine means nothing here)."""
+    now = time.time() if now is None else now
+    host, out = _host_tag(), []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        m = _TMP_NAME.match(entry.name)
+        if m is None:
+            continue
+        with contextlib.suppress(OSError):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            gone = m["host"] == host and not _pid_alive(int(m["pid"]))
+            if gone or now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S:
+                out.append(Path(entry.path))
+    return out
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove :func:`stale_temporaries`, saying so in one log line; returns what was removed."""
+    removed, size = [], 0
+    for path in stale_temporaries(folder):
+        with contextlib.suppress(OSError):
+            n = path.stat().st_size
+            path.unlink()
+            removed.append(path)
+            size += n
+    if removed:
+        names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+        logger.warning("%s: removed %d temporary file%s (%d bytes) left by a killed write: %s", folder, len(removed),
+                       "" if len(removed) == 1 else "s", size, names)
+    return removed
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """``mkdir -p``, returning the folders it made (outermost first), for :func:`remove_folders`."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        if folder.parent == folder:
+            break
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        raise LoraFileError(f"{folder}: is a file, not a folder; give a folder for the output")
+    made = []
+    for f in reversed(missing):
+        try:
+            f.mkdir()
+        except OSError as e:
+            remove_folders(made)
+            raise LoraFileError(f"{f}: cannot create the output folder: {write_error(f, e)}") from None
+        made.append(f)
+    return made
+
+
+def remove_folders(made: Sequence[Path]) -> None:
+    """Undo :func:`make_folders` after a failure: each folder it made, innermost first, if empty."""
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 @contextlib.contextmanager
 def atomic_target(p: Path) -> Iterator[str]:
     """A temporary path beside ``p`` to write to; it becomes ``p`` only when the block ends
     without an error (renamed, with the permissions a plain ``open`` would give), and is
-    removed otherwise. So ``p`` is always absent, as it was, or complete."""
-    fd, tmp = _temp_beside(p)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, _final_mode(p))
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    removed otherwise. So ``p`` is always absent, as it was, or complete.
+
+    SIGTERM is treated as Ctrl-C meanwhile (:mod:`.writes`); what happened to ``p`` is recorded
+    in the open journals; an OS error the user can act on (full disk, permissions) becomes one
+    :class:`LoraFileError` naming ``p``; stale temporary files of killed writes are removed first.
+    """
+    p = Path(p)
+    with writes.sigterm_raises():
+        fate = writes.record(p)
+        tmp, renaming = None, False
+        try:
+            remove_stale_temporaries(p.parent if str(p.parent) else Path("."))
+            tmp = _temp_name(p)
+            _create(p, tmp)
+            yield tmp
+            os.chmod(tmp, _final_mode(p))
+            renaming = True
+            os.replace(tmp, p)
+            fate.state = writes.WRITTEN
+        except BaseException as e:
+            if renaming and not os.path.lexists(tmp):  # interrupted just after the rename: p is complete
+                fate.state = writes.WRITTEN
+                raise
+            fate.state = writes.ABANDONED
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    fate.leftover = tmp
+            error = write_error(p, e) if isinstance(e, Exception) else None
+            if error is not None and error is not e:
+                raise error from None
+            raise
 
 
 def read_header_layout(path: str | os.PathLike) -> tuple[dict, int, int]:
@@ -289,8 +481,8 @@ def write_safetensors_hashed(
     order = _data_order(contiguous)
     hasher = _HashInOrder(contiguous, order, on_bytes)
     with atomic_target(p) as tmp:
-        hasher.start()
         try:
+            hasher.start()  # inside the try: a signal can land while start() waits for the thread to run
             st_save_file(contiguous, tmp, metadata=meta)
             with open(tmp, "rb+") as f:
                 if durable:
@@ -305,6 +497,9 @@ def write_safetensors_hashed(
                 f.flush()
                 if durable:
                     os.fsync(f.fileno())
+        except BaseException:
+            hasher.stop()  # a failed or interrupted write: the hash is not needed
+            raise
         finally:
             hasher.join()  # never leave the thread reading tensors of a failed write
     return p, model_hash, legacy_hash
@@ -319,12 +514,15 @@ class _HashInOrder:
 
         self._tensors, self._order, self._on_bytes = tensors, order, on_bytes
         self._out: dict = {}
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sshs-hash", daemon=True)
 
     def _run(self) -> None:
         try:
             h = hashlib.sha256()
             for k in self._order:
+                if self._stop.is_set():
+                    return
                 t = self._tensors[k]
                 if t.numel():
                     h.update(t.reshape(-1).view(torch.uint8).numpy())
@@ -337,9 +535,21 @@ class _HashInOrder:
     def start(self) -> None:
         self._thread.start()
 
+    def stop(self) -> None:
+        self._stop.set()
+
     def join(self) -> None:
-        if self._thread.is_alive():
-            self._thread.join()
+        """Wait for the thread, even through Ctrl-C or SIGTERM (raised again once it has ended): a
+        thread left inside torch when the interpreter exits aborts the process ("terminate called")."""
+        interrupted = None
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except KeyboardInterrupt as e:
+                interrupted = e
+                self._stop.set()
+        if interrupted is not None:
+            raise interrupted
 
     def result(self) -> str:
         self.join()
@@ -443,7 +653,8 @@ def _final_mode(p: Path) -> int:
 def save_pickle(path, tensors: Mapping[str, torch.Tensor]) -> None:
     """``torch.save`` a training state dict atomically (sd-scripts' ``--save_model_as pt/ckpt``)."""
     with atomic_target(check_output_path(path, overwrite=True, suffix=Path(path).suffix)) as tmp:
-        torch.save(dict(tensors), tmp)
+        with open(tmp, "wb") as f:  # a file object: a full disk is then an OSError with its errno, not
+            torch.save(dict(tensors), f)  # torch's "unexpected pos" RuntimeError
 
 
 def load_weights_file(file) -> dict[str, torch.Tensor]:

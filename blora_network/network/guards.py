@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from blora_network.errors import NetworkArgsError
+from blora_network.errors import NetworkArgsError, count
 
 __all__ = ["guard_lokr", "lokr_bypass_leaves_out_scale"]
 
@@ -34,7 +34,7 @@ def guard_lokr(loras, *, training: bool) -> None:
     dropping = [m.lora_name for m in lokr if getattr(m, "rank_dropout", 0)]
     if training and dropping:
         raise NetworkArgsError(
-            f"network_args rank_dropout with LoKr ({len(dropping)} modules, first {dropping[0]}): LyCORIS's LoKr "
+            f"network_args rank_dropout with LoKr ({count(len(dropping), 'module')}, first {dropping[0]}): LyCORIS's LoKr "
             "ignores rank dropout in bypass mode and, in rebuild mode, builds its dropout mask on the CPU, which "
             "fails on a GPU. Remove rank_dropout, or use algo=lora or algo=loha for rank dropout"
         )

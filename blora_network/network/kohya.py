@@ -29,7 +29,7 @@ try:  # the algo names LyCORIS's kohya network looks up (3.2 to 4.x)
 except ImportError:  # pragma: no cover - depends on the installed LyCORIS
     _LYCORIS_ALGOS = None
 
-from blora_network.errors import BLoraError, LoraFileError, NetworkArgsError, PresetError
+from blora_network.errors import BLoraError, LoraFileError, NetworkArgsError, PresetError, count
 from blora_network.files.algos import (
     LayerRecord,
     effective_alpha,
@@ -350,8 +350,8 @@ class BLoRANetwork(LycorisNetworkKohya):
         theirs = {k.split(".", 1)[0] for k in weights}
         if mine and not (mine & theirs):
             raise LoraFileError(
-                f"{file}: none of its {len(theirs)} modules belong to this network "
-                f"({len(mine)} modules, preset {self.preset.name!r}); it was trained for other layers "
+                f"{file}: none of its {count(len(theirs), 'module')} belong to this network "
+                f"({count(len(mine), 'module')}, preset {self.preset.name!r}); it was trained for other layers "
                 "or another model. Use the same preset, or start without --network_weights"
             )
         own = {m.lora_name: m.state_dict() for m in self.loras}
@@ -594,7 +594,7 @@ def create_network(
     logger.info(
         "blora_network: preset %s, %s",
         preset.name,
-        ", ".join(f"{role} {s['modules']} modules (rank {s['rank']}, alpha {_number(s['alpha'])})" for role, s in summary.items()),
+        ", ".join(f"{role} {count(s['modules'], 'module')} (rank {s['rank']}, alpha {_number(s['alpha'])})" for role, s in summary.items()),
     )
     return network
 
@@ -642,7 +642,7 @@ def create_network_from_weights(
     unknown = [n for n in names if n not in for_lookup]
     if unknown:
         raise LoraFileError(
-            f"{file}: {len(unknown)} of its {len(names)} modules are not in this model "
+            f"{file}: {len(unknown)} of its {count(len(names), 'module')} are not in this model "
             f"(first: {unknown[0]}); the file is for another architecture (SD1.x, diffusers names, another model)"
         )
     if not names:

@@ -22,8 +22,16 @@ from typing import Any, Iterable, Mapping, Optional, Union
 import toml
 
 from blora_network.errors import PresetError
-from blora_network.sdxl.blocks import (ATTENTION_BLOCKS, BLOCKS, attention_layer_names, block_by_label, block_pattern,
-                                       block_pattern_of, lookup_block, parse_sdxl_blocks)
+from blora_network.sdxl.blocks import (
+    ATTENTION_BLOCKS,
+    BLOCKS,
+    attention_layer_names,
+    block_by_label,
+    block_pattern,
+    block_pattern_of,
+    lookup_block,
+    parse_sdxl_blocks,
+)
 from blora_network.tomlfile import read_toml
 
 from .options import BLOCK_SETTING_KEYS

@@ -12,6 +12,7 @@ config's value over the command line's).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -220,11 +221,26 @@ def _toml_text(tables: dict[str, Any], header: str, comments: dict[str, str]) ->
     return text
 
 
-def _write_text(path: Path, text: str) -> None:
-    from blora_network.files.safefile import atomic_target
+def _write_all(out: Path, texts: dict[Path, str]) -> None:
+    """Write the config files into ``out`` (made if missing), each atomically; on any failure (a
+    full disk, Ctrl-C) remove the new files already written and the folders made: all or nothing."""
+    from blora_network.files.safefile import atomic_target, make_folders, remove_folders
 
-    with atomic_target(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    made = make_folders(out)
+    created: list[Path] = []
+    try:
+        for path, text in texts.items():
+            new = not path.exists()
+            with atomic_target(path) as tmp:
+                Path(tmp).write_text(text, encoding="utf-8")
+            if new:
+                created.append(path)
+    except BaseException:
+        for path in created:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        remove_folders(made)
+        raise
 
 
 def _refuse_problems(scan: ImageScan) -> None:
@@ -331,17 +347,18 @@ def write_recipe(images, *, model: str, out_dir, name: Optional[str] = None, pre
                             steps=steps, lowvram=lowvram)
     data = dataset_config(scan, token=token, num_repeats=num_repeats)
     comments = {**_COMMENTS, **{o.key: f"--lowvram: {o.why} ({o.source})" for o in LOWVRAM}}
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(train_path, _toml_text(train, f"B-LoRA training config for sd-scripts' {SDXL_SCRIPT} --config_file\n"
-                                              "written by blora-network recipe; command-line options given after "
-                                              "--config_file override these values", comments))
-    _write_text(data_path, _toml_text(data, f"B-LoRA dataset config for --dataset_config: {len(scan.usable)} image(s) "
-                                            f"in {scan.folder}", {}))
     gui = gui_preset(model=model_path, dataset_config=str(data_path), out_dir=str(out), name=name,
                      preset_arg=_preset_arg(preset), rank=rank, steps=steps, learning_rate=PAPER.learning_rate,
                      optimizer=PAPER.optimizer_type, optimizer_args=PAPER.optimizer_args, lr_scheduler=PAPER.lr_scheduler,
                      resolution=PAPER.resolution, precision=PAPER.precision, lowvram=lowvram)
-    _write_text(gui_path, json.dumps(gui, indent=2, ensure_ascii=False) + "\n")
+    _write_all(out, {
+        train_path: _toml_text(train, f"B-LoRA training config for sd-scripts' {SDXL_SCRIPT} --config_file\n"
+                                      "written by blora-network recipe; command-line options given after "
+                                      "--config_file override these values", comments),
+        data_path: _toml_text(data, f"B-LoRA dataset config for --dataset_config: {len(scan.usable)} image(s) "
+                                    f"in {scan.folder}", {}),
+        gui_path: json.dumps(gui, indent=2, ensure_ascii=False) + "\n",
+    })
     command = f"accelerate launch {SDXL_SCRIPT} --config_file {_quote(train_path)} --dataset_config {_quote(data_path)}"
     return RecipeResult(
         training_config=str(train_path), dataset_config=str(data_path), gui_preset=str(gui_path), command=command,

@@ -26,6 +26,8 @@ __all__ = [
     "SDXL_BLOCK_WIDTHS",
     "SD_BLOCK_WIDTHS",
     "CONTEXT_WIDTH_MODEL",
+    "sdxl_linear_shape",
+    "other_architecture",
     "LAYER_KINDS",
     "ATTENTION_KINDS",
     "SPELLINGS",
@@ -83,6 +85,47 @@ SD_BLOCK_WIDTHS = {
 
 CONTEXT_WIDTH_MODEL = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 """Cross-attention context width (``attn2.to_k`` input) -> model: the text embedding each one reads."""
+
+_TRANSFORMER_LAYER_SHAPES = (  # (suffix, out, in) as multiples of the block width w; 0 = the text width
+    (re.compile(r"\.attn1\.(to_q|to_k|to_v|to_out\.0)$"), 1, 1),
+    (re.compile(r"\.attn2\.(to_q|to_out\.0)$"), 1, 1),
+    (re.compile(r"\.attn2\.(to_k|to_v)$"), 1, 0),
+    (re.compile(r"\.ff\.net\.0\.proj$"), 8, 1),  # GEGLU: two 4w halves
+    (re.compile(r"\.ff\.net\.2$"), 1, 4),
+    (re.compile(r"\.(proj_in|proj_out)$"), 1, 1),
+)
+
+
+def sdxl_linear_shape(ldm_path: str) -> Optional[tuple[int, int]]:
+    """``(out_features, in_features)`` of a Linear layer inside one of SDXL's transformer blocks, from its
+    block's width (:data:`SDXL_BLOCK_WIDTHS`) and the text width 2048; None for any other layer.
+
+    Header-only checks use it: a factor whose width does not fit its layer would fail only at load time
+    in sd-scripts or a UI, far from the file that caused it.
+    """
+    width = SDXL_BLOCK_WIDTHS.get(transformer_block_of(ldm_path))
+    if width is None:
+        return None
+    for pattern, out_mult, in_mult in _TRANSFORMER_LAYER_SHAPES:
+        if pattern.search(ldm_path):
+            return width * out_mult, (width * in_mult if in_mult else 2048)
+    return None
+
+
+_OTHER_ARCHITECTURES = (
+    ("Flux", re.compile(r"(^|[._])(double_blocks|single_blocks)[._]\d|(^|\.)single_transformer_blocks\.\d")),
+    ("SD3", re.compile(r"(^|[._])joint_blocks[._]\d")),
+    ("Flux or SD3", re.compile(r"^(transformer|diffusion_model)\.transformer_blocks\.\d")),
+)
+"""Diffusion transformers whose LoRA keys kohya's and diffusers' trainers write (sd-scripts'
+``networks/lora_flux.py`` names ``lora_unet_double_blocks_0_img_attn_qkv``, ``lora_unet_single_blocks_*``;
+``lora_sd3.py`` ``lora_unet_joint_blocks_*``; diffusers ``transformer.single_transformer_blocks.*``)."""
+
+
+def other_architecture(key: str) -> Optional[str]:
+    """``Flux``/``SD3`` when a tensor name belongs to one of those models (no SDXL layer is named so)."""
+    return next((name for name, pattern in _OTHER_ARCHITECTURES if pattern.search(key)), None)
+
 
 LAYER_KINDS = ("self_attn", "cross_attn", "ff", "proj", "other")
 ATTENTION_KINDS = ("self_attn", "cross_attn")

@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from blora_network.errors import LoraFileError
+from blora_network.errors import LoraFileError, count
 from blora_network.files.lorafile import LoraFile, guess_model, open_sdxl_lora
 from blora_network.files.measure import layer_norm_sq
 from blora_network.sdxl.blocks import BLOCKS, block_at, sdxl_block_of
@@ -285,11 +285,11 @@ def _share(e: float, of: float) -> float:
 def _warnings(not_measured: list[str], nonfinite: list[str], skipped_kinds: set[str], total: float) -> list[str]:
     warnings = []
     if nonfinite:
-        warnings.append(f"{len(nonfinite)} layers hold NaN or Inf (first: {nonfinite[0]}) and are left out of every "
+        warnings.append(f"{count(len(nonfinite), 'layer')} {'holds' if len(nonfinite) == 1 else 'hold'} NaN or Inf (first: {nonfinite[0]}) and are left out of every "
                         "number; the file will give black or noise images")
     skipped = [n for n in not_measured if n not in nonfinite]
     if skipped:
-        warnings.append(f"{len(skipped)} layers are not measured and left out of every number "
+        warnings.append(f"{count(len(skipped), 'layer')} {'is' if len(skipped) == 1 else 'are'} not measured and left out of every number "
                         f"({'; '.join(sorted(skipped_kinds))}; first: {skipped[0]})")
     if total == 0:
         warnings.append("every measured UNet layer's change is zero (an untrained LoRA, or lora_up all zeros)")

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from blora_network.errors import count
 from blora_network.files.algos import all_finite, alpha_value, effective_alpha
 from blora_network.files.lorafile import DTYPE_NAMES, LoraFile, LoraLayer, ModelGuess, guess_model, open_sdxl_lora
 from blora_network.files.measure import Progress, layer_norm_sq
@@ -201,7 +202,7 @@ def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, s
     out: list[str] = [f"this file was {guess.reason}"] if guess.model == "demo" else []
     if nonfinite:
         out.append(
-            f"{len(nonfinite)} tensors hold NaN or Inf (first: {nonfinite[0]}); the file will give black or "
+            f"{count(len(nonfinite), 'tensor')} {'holds' if len(nonfinite) == 1 else 'hold'} NaN or Inf (first: {nonfinite[0]}); the file will give black or "
             "noise images: use an earlier checkpoint or retrain with a lower learning rate"
         )
     off: dict[tuple, list[str]] = {}
@@ -224,14 +225,14 @@ def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, s
                           for b, n in list(other.blocks.items())[:6])
         more = f" and {len(other.blocks) - 6} more" if len(other.blocks) > 6 else ""
         out.append(
-            f"{other.modules} modules lie outside the B-LoRA blocks: {shown}{more}; "
+            f"{count(other.modules, 'module')} {'lies' if other.modules == 1 else 'lie'} outside the B-LoRA blocks: {shown}{more}; "
             "`blora-network extract` keeps only the B-LoRA attention layers"
         )
     for role in ROLES:
         rep = blocks.get(role)
         if rep is not None and rep.attention_modules < rep.modules:
             out.append(
-                f"{role}: {rep.modules - rep.attention_modules} of its {rep.modules} layers are not attention "
+                f"{role}: {rep.modules - rep.attention_modules} of its {count(rep.modules, 'layer')} {'is' if rep.modules - rep.attention_modules == 1 else 'are'} not attention "
                 "projections (ff/proj_in/proj_out); the B-LoRA presets train only the attention layers"
             )
     ranks = sorted({r for rep in blocks.values() for r in rep.ranks})
@@ -249,5 +250,5 @@ def _warnings(lora: LoraFile, blocks: dict[str, BlockReport], pairs: dict[str, s
     if odd:
         out.append(f"layers of an algorithm these tools do not rewrite in {', '.join(odd)} (no norm reported)")
     if lora.unparsed:
-        out.append(f"{len(lora.unparsed)} tensors are not LoRA layers (first: {lora.unparsed[0]})")
+        out.append(f"{count(len(lora.unparsed), 'tensor')} {'is' if len(lora.unparsed) == 1 else 'are'} not LoRA layers (first: {lora.unparsed[0]})")
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from blora_network.errors import BLoraError, LoraFileError
+from blora_network.errors import BLoraError, LoraFileError, count
 from blora_network.files.safefile import atomic_target, check_output_path
 from blora_network.sdxl.blocks import block_at
 from blora_network.sdxl.names import SDXL_TRANSFORMER_BLOCKS, block_order
@@ -49,7 +49,7 @@ def check_plot_path(path, *, inputs: Sequence = (), overwrite: bool = False) -> 
     """Refuse a chart path we must not or cannot write, before any work is done."""
     p = Path(path)
     fmt = p.suffix.lower().lstrip(".")
-    if fmt not in FORMATS:
+    if fmt not in FORMATS and not p.is_dir():  # a folder is named as one by check_output_path
         raise LoraFileError(f"{p}: the chart is written as PNG (or SVG/PDF); give a name ending in .png")
     return check_output_path(p, overwrite=overwrite, inputs=inputs, option="--plot", suffix=".png")
 
@@ -98,7 +98,10 @@ def build_figure(report: AnalyzeReport):
                    edgecolor="white", linewidth=0.4)
             bottoms = [b + h for b, h in zip(bottoms, heights)]
     top = max(bottoms) if max(bottoms) > 0 else 1.0
-    ax.set_ylim(0, top * 1.32)
+    ax.set_ylim(0, top * 1.32)  # headroom for the block labels, but no tick past 100%: no share is larger
+    ticks = [t for t in ax.get_yticks() if 0 <= t <= min(100.0, top * 1.32)]
+    ax.set_yticks(ticks)
+    ax.spines["left"].set_bounds(0, ticks[-1])
     ax.set_xlim(-0.6, len(slots) - 0.4)
     ax.set_ylabel("share of the UNet's $\\|dW\\|_F^2$ (%)")
     ax.grid(axis="y", color="#dddddd", zorder=1)
@@ -142,7 +145,7 @@ def build_figure(report: AnalyzeReport):
     name = _shorten(Path(report.file).name, 64)
     fig.text(0.06, 0.985, f"{name}: where the change is, per UNet block", fontsize=12.5, ha="left", va="top")
     measured = sum(r.modules for r in report.blocks)
-    sub = f"UNet $\\|dW\\|_F$ {report.unet_norm:.4g} over {measured} layers (model {report.model})"
+    sub = f"UNet $\\|dW\\|_F$ {report.unet_norm:.4g} over {count(measured, 'layer')} (model {report.model})"
     if report.text_encoder_norm is not None:
         sub += f";  text encoders $\\|dW\\|_F$ {report.text_encoder_norm:.4g} (not in the shares)"
     fig.text(0.06, 0.948, sub, fontsize=9.5, ha="left", va="top", color="#444444")
@@ -157,7 +160,7 @@ def build_figure(report: AnalyzeReport):
     axk.set_xlim(0, 100)
     axk.set_title("whole UNet by layer kind\n% of the UNet's $\\|dW\\|_F^2$", fontsize=9.5, loc="left")
     for i, v in enumerate(vals):
-        axk.text(v + 1, i, f"{v:.1f}%", va="center", fontsize=8)
+        _bar_label(axk, i, v, f"{v:.1f}%")
     _tidy(axk)
 
     # the B-LoRA blocks' attention, what the suggestion reads
@@ -174,7 +177,7 @@ def build_figure(report: AnalyzeReport):
                   f"together they hold {_pct(report.blora_attention_share)} of the UNet's attention change",
                   fontsize=9.5, loc="left")
     for i, (v, s) in enumerate(zip(vals, report.blora)):
-        axb.text(v + 1, i, f"{v:.1f}%" if s.modules else "not in file", va="center", fontsize=8)
+        _bar_label(axb, i, v, f"{v:.1f}%" if s.modules else "not in file")
     _tidy(axb)
 
     fig.text(0.06, 0.034, "suggestion: " + _wrap(report.suggestion.text, 165), fontsize=9.5, ha="left",
@@ -183,6 +186,15 @@ def build_figure(report: AnalyzeReport):
         fig.text(0.06, 0.008, report.suggestion.command, fontsize=8.5, ha="left", va="bottom", family="monospace",
                  color="#333333")
     return fig
+
+
+def _bar_label(ax, i: int, v: float, text: str) -> None:
+    """The value at the end of a bar on a 0-100 axis; inside a bar that nearly fills the axis (it
+    would be clipped at the figure's edge beside it)."""
+    if v > 85:
+        ax.text(v - 1, i, text, va="center", ha="right", fontsize=8, color="white", fontweight="bold")
+    else:
+        ax.text(v + 1, i, text, va="center", fontsize=8)
 
 
 def _tidy(ax) -> None:

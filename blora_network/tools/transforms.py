@@ -21,7 +21,7 @@ from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 
-from blora_network.errors import LoraFileError
+from blora_network.errors import LoraFileError, count
 from blora_network.files.algos import (
     LayerRecord,
     alpha_tensor,
@@ -30,17 +30,24 @@ from blora_network.files.algos import (
     layer_record,
     module_scale,
     one_alpha,
+    output_dtype,
     scale_tensors,
+    scaling_loss,
 )
 from blora_network.files.lorafile import LoraFile, LoraLayer, open_sdxl_lora
 from blora_network.files.measure import Progress, progress_bar
-from blora_network.files.metadata import KEY_WEIGHTS, cumulative_weights, source_entry, tool_metadata
-from blora_network.files.safefile import SAFETENSORS, check_output_path, write_safetensors_hashed
-from blora_network.files.metadata import label_order
+from blora_network.files.metadata import KEY_WEIGHTS, cumulative_weights, label_order, source_entry, tool_metadata
+from blora_network.files.safefile import (
+    SAFETENSORS,
+    check_output_path,
+    make_folders,
+    remove_folders,
+    write_safetensors_hashed,
+)
 from blora_network.sdxl.blocks import LABELS, LAYER_CHOICES, ROLES, SdxlBlock, lookup_sdxl_block
+from blora_network.sdxl.names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
 from .blockweights import inspire_layer_weights, lbw_layer_weights
-from blora_network.sdxl.names import DIFFUSERS_FACTOR_NAMES, WRITE_SPELLINGS, diffusers_path_of_kohya_name
 
 __all__ = ["WrittenFile", "SplitResult", "BlockSource", "split", "split_paths", "combine", "scale", "extract",
            "convert", "LAYER_CHOICES"]
@@ -63,6 +70,10 @@ class WrittenFile:
     """The weights this call applied (what the user asked for)."""
 
 
+FP8_LOSS_WORTH_SAYING = 0.005
+"""Half a percent of a layer's dW: less than a weight's own precision as users type it (0.7 vs 0.705)."""
+
+
 @dataclass
 class _Output:
     """The tensors of one file being assembled, and the block of each layer in it.
@@ -76,6 +87,18 @@ class _Output:
     """kohya layer name -> the label of its attention block (``content``, ``OUT03``; None elsewhere)."""
     folded: list[LayerRecord] = field(default_factory=list)
     """Layers written under diffusers/PEFT names, which store no alpha: alpha = rank."""
+    losses: dict[str, float] = field(default_factory=dict)
+    """Per layer, the share of its scaled dW lost to fp8 rounding (:func:`scaling_loss`)."""
+
+    def rounding_warnings(self, weights: Iterable[float]) -> list[str]:
+        """One warning when fp8 rounding moved some layer's dW by :data:`FP8_LOSS_WORTH_SAYING` or more."""
+        if not self.losses or max(self.losses.values()) < FP8_LOSS_WORTH_SAYING:
+            return []
+        worst = max(self.losses, key=self.losses.get)
+        shown = ", ".join(dict.fromkeys(f"{w:g}" for w in weights if w not in (0.0, 1.0)))
+        return [f"fp8 rounding: scaling by {shown} changed the dW of {count(len(self.losses), 'fp8 layer')} by up to "
+                f"{100 * self.losses[worst]:.1f}% ({worst}); pass --dtype bf16 (or fp16/fp32) to write a wider file "
+                "that keeps it"]
 
     def add(self, lora: LoraFile, layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> None:
         entry = _kohya_entry(layer, tensors)
@@ -121,16 +144,22 @@ def _kohya_entry(layer: LoraLayer, tensors: Mapping[str, torch.Tensor]) -> dict[
 
 def _gather(lora: LoraFile, reader, layers: Sequence[LoraLayer], out: _Output, progress: Optional[Progress],
             weights: Optional[Mapping[str, float]] = None, desc: str = "",
-            layer_weights: Optional[Mapping[str, float]] = None) -> None:
-    """Read ``layers`` (and only those), scale each by its block's weight (``weights``: role -> w) or
-    its own (``layer_weights``: layer name -> w), add them under kohya keys."""
+            layer_weights: Optional[Mapping[str, float]] = None, dtype=None) -> None:
+    """Read ``layers`` (and only those), cast them to ``dtype`` if given, scale each by its block's weight
+    (``weights``: role -> w) or its own (``layer_weights``: layer name -> w), noting what fp8 rounding
+    loses, and add them under kohya keys."""
     weights = weights or {}
     for layer, tensors in reader.read(layers, progress=progress, desc=desc):
+        if dtype is not None:
+            tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
         w = weights.get(layer.role, 1.0) if layer.role else 1.0
         if layer_weights is not None:
             w = layer_weights.get(layer.name, 1.0)
         if w != 1.0:
+            loss = scaling_loss(layer.algo, tensors, w)
             tensors = scale_tensors(layer.algo, tensors, w, name=layer.name, where=f"{lora.path}: ")
+            if loss is not None:
+                out.losses[layer.name] = loss
         out.add(lora, layer, tensors)
 
 
@@ -187,13 +216,14 @@ def split_paths(path, out_dir=None, roles: Optional[Iterable[str]] = None) -> di
 
 
 def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, layers: str = "attention", force: bool = False,
-          progress: Optional[Progress] = None) -> SplitResult:
+          progress: Optional[Progress] = None, dtype: Optional[str] = None) -> SplitResult:
     """One file per B-LoRA block found (and per block ``blocks=`` training put in the file, as its
     metadata says), or per block named in ``roles`` (any SDXL block by any name; each must be in the
     file), holding that block's ``layers`` (see :func:`extract`).
 
     ``out_dir`` is made when it does not exist yet (and removed again if the split fails).
     """
+    cast = output_dtype(dtype)
     named = roles is not None and len(roles) > 0
     blocks = _blocks_named(roles, layers, "split") if named else []
     lora = open_sdxl_lora(path, need_blora=False)
@@ -202,39 +232,16 @@ def split(path, *, out_dir=None, roles: Optional[Sequence[str]] = None, layers: 
         if not blocks:
             open_sdxl_lora(path)  # refused as before: no B-LoRA block, and what the file holds
     parts = {b.label: _require(lora, b, layers, " to split out") for b in blocks}
-    made = _make_folders(Path(out_dir)) if out_dir is not None else []
+    made = make_folders(Path(out_dir)) if out_dir is not None else []
     try:
-        return _split(lora, parts, split_paths(lora.path, out_dir, list(parts)), force, progress)
+        return _split(lora, parts, split_paths(lora.path, out_dir, list(parts)), force, progress, cast)
     except BaseException:
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only empty: _split removed the files it made
+        remove_folders(made)  # only empty ones: _split removed the files it made
         raise
 
 
-def _make_folders(folder: Path) -> list[Path]:
-    """``mkdir -p``, returning the folders it made (outermost first)."""
-    missing = []
-    while not folder.exists():
-        missing.append(folder)
-        if folder.parent == folder:
-            break
-        folder = folder.parent
-    made = []
-    for f in reversed(missing):
-        try:
-            f.mkdir()
-        except OSError as e:
-            for m in reversed(made):
-                with contextlib.suppress(OSError):
-                    m.rmdir()
-            raise LoraFileError(f"{f}: cannot create the output folder ({e.strerror or e})") from None
-        made.append(f)
-    return made
-
-
 def _split(lora: LoraFile, parts: dict[str, list[LoraLayer]], targets: dict[str, Path], force: bool,
-           progress: Optional[Progress]) -> SplitResult:
+           progress: Optional[Progress], cast=None) -> SplitResult:
     for target in targets.values():  # refuse before writing anything
         check_output_path(target, overwrite=force, inputs=[lora.path])
     outs = []
@@ -243,7 +250,7 @@ def _split(lora: LoraFile, parts: dict[str, list[LoraLayer]], targets: dict[str,
         # the style block must not leave a content file behind.
         for label, layers in parts.items():
             out = _Output()
-            _gather(lora, reader, layers, out, progress, desc=f"reading {label}")
+            _gather(lora, reader, layers, out, progress, desc=f"reading {label}", dtype=cast)
             outs.append((label, out))
     files, created = [], []
     try:
@@ -279,7 +286,7 @@ class BlockSource:
 
 
 def combine(sources: Sequence[BlockSource], output, *, layers: str = "transformer", force: bool = False,
-            progress: Optional[Progress] = None) -> WrittenFile:
+            progress: Optional[Progress] = None, dtype: Optional[str] = None) -> WrittenFile:
     """The content block of one file, the style block of another (and a layout block, or any SDXL
     block of any SDXL LoRA), weighted; ``layers`` of each block as in :func:`extract` (the default,
     ``transformer``, takes a B-LoRA block whole, as trained).
@@ -289,6 +296,7 @@ def combine(sources: Sequence[BlockSource], output, *, layers: str = "transforme
     """
     if not sources:
         raise LoraFileError("nothing to combine: give a content, style and/or layout source")
+    cast = output_dtype(dtype)
     blocks = _blocks_named([s.role for s in sources], layers, "combine")
     if len(blocks) != len(sources):  # _blocks_named refused a block named twice; keep the old wording too
         raise LoraFileError(f"each block can come from one file only; got {', '.join(s.role for s in sources)}")
@@ -313,12 +321,13 @@ def combine(sources: Sequence[BlockSource], output, *, layers: str = "transforme
             reader = stack.enter_context(lora.reader())
             chosen = lora.block_layers(block, layers)
             _gather(lora, reader, chosen, out, progress, layer_weights={m.name: s.weight for m in chosen},
-                    desc=f"reading {block.label} from {lora.path.name}")
+                    desc=f"reading {block.label} from {lora.path.name}", dtype=cast)
             entries.append(_source(lora, [block.label], {block.label: s.weight}))
             weights.update(cumulative_weights(lora.metadata, {block.label: s.weight}, [block.label]))
         done = out.finish(kept[0][2].metadata, entries, weights)
         dropped = [b.label for b, s in picked if s.weight == 0.0]
         warn = [f"weight 0 leaves {', '.join(dropped)} out of the file"] if dropped else []
+        warn += out.rounding_warnings(s.weight for _, s, _ in kept)
         return _write(output, done, force=force, inputs=inputs, progress=progress, weights=weights, warnings=warn,
                       applied={b.label: s.weight for b, s, _ in kept})
 
@@ -326,7 +335,8 @@ def combine(sources: Sequence[BlockSource], output, *, layers: str = "transforme
 # -- scale ------------------------------------------------------------------------------------
 
 def scale(path, weights: Optional[Mapping[str, float]], output, *, lbw: Optional[str] = None,
-          inspire: Optional[str] = None, force: bool = False, progress: Optional[Progress] = None) -> WrittenFile:
+          inspire: Optional[str] = None, force: bool = False, progress: Optional[Progress] = None,
+          dtype: Optional[str] = None) -> WrittenFile:
     """Bake per-block weights into a file: each block's dW is multiplied by its weight.
 
     ``weights`` maps a B-LoRA role (``content``, ``style``, ``layout``: that transformer block) or any
@@ -334,8 +344,11 @@ def scale(path, weights: Optional[Mapping[str, float]], output, *, lbw: Optional
     counts in it, resnets and text encoders included) to a weight. Or, instead, ``lbw``/``inspire``
     is a UI's vector, baked so that the file, loaded at 1 with no vector, changes every layer as that
     UI changes it with the vector (:mod:`blora_network.tools.blockweights`). Layers no weight names
-    are copied unchanged; a weight of 0 removes the layers.
+    are copied unchanged; a weight of 0 removes the layers. ``dtype`` (``bf16``, ``fp16``, ``fp32``) writes
+    every layer in that dtype; without it each keeps its own, and scaling an fp8 file rounds, which the
+    file's warnings measure.
     """
+    cast = output_dtype(dtype)
     weights = dict(weights or {})
     if sum(bool(x) for x in (weights, lbw, inspire)) > 1:
         raise LoraFileError("give block weights, --lbw or --inspire, not several: a vector already weighs every block")
@@ -355,7 +368,7 @@ def scale(path, weights: Optional[Mapping[str, float]], output, *, lbw: Optional
         raise LoraFileError(f"{lora.path}: every layer would be dropped (weight 0); nothing to write")
     out = _Output()
     with lora.reader() as reader:
-        _gather(lora, reader, keep, out, progress, layer_weights=per_layer)
+        _gather(lora, reader, keep, out, progress, layer_weights=per_layer, dtype=cast)
         for key in lora.unparsed:
             out.tensors[key] = reader.get(key)
         present = out.roles()
@@ -364,7 +377,8 @@ def scale(path, weights: Optional[Mapping[str, float]], output, *, lbw: Optional
         dropped = [r for r, w in applied.items() if w == 0.0]
         warn = [f"weight 0 removed the {', '.join(dropped)} block"] if dropped else []
         if len(keep) < len(layers) and not dropped:
-            warn.append(f"weight 0 removed {len(layers) - len(keep)} layers")
+            warn.append(f"weight 0 removed {count(len(layers) - len(keep), 'layer')}")
+        warn += out.rounding_warnings(per_layer.values())
         return _write(output, done, force=force, inputs=[lora.path], progress=progress, weights=baked,
                       warnings=warn, applied=applied)
 
@@ -426,26 +440,27 @@ def _blocks_named(names: Sequence[str], layers: str, tool: str) -> list[SdxlBloc
 
 
 def extract(path, roles: Sequence[str], output, *, layers: str = "attention", force: bool = False,
-            progress: Optional[Progress] = None) -> WrittenFile:
+            progress: Optional[Progress] = None, dtype: Optional[str] = None) -> WrittenFile:
     """From a LoRA trained on the whole UNet, keep the chosen blocks (any SDXL block by any name).
 
     ``layers="attention"`` (the default, the B-LoRA rule) keeps exactly the layers the presets
     train (attn1/attn2 to_q, to_k, to_v, to_out.0: 80 per full-size 1280-wide block); ``"transformer"``
     adds ff and proj_in/proj_out; ``"all"`` keeps every layer LoRA Block Weight counts in the block.
     """
+    cast = output_dtype(dtype)
     blocks = _blocks_named(roles, layers, "extract")
     lora = open_sdxl_lora(path, need_blora=False)
     chosen = [m for b in blocks for m in _require(lora, b, layers, " to extract")]
     check_output_path(output, overwrite=force, inputs=[lora.path], suffixes=SAFETENSORS)
     out = _Output()
     with lora.reader() as reader:
-        _gather(lora, reader, chosen, out, progress)
+        _gather(lora, reader, chosen, out, progress, dtype=cast)
         labels = out.roles()
         weights = cumulative_weights(lora.metadata, {}, labels)
         done = out.finish(lora.metadata, [_source(lora, labels or [b.name for b in blocks], {})], weights)
         skipped = len(lora.layers) - len(chosen)
         what = "attention layers" if layers == "attention" else "layers"
-        warn = [f"left out {skipped} layers outside the chosen blocks' {what}"] if skipped else []
+        warn = [f"left out {count(skipped, 'layer')} outside the chosen blocks' {what}"] if skipped else []
         return _write(output, done, force=force, inputs=[lora.path], progress=progress, weights=weights,
                       warnings=warn)
 
@@ -481,7 +496,8 @@ def convert(path, output, *, to: str = "kohya", force: bool = False,
     lora = open_sdxl_lora(path, need_blora=False)
     if lora.unparsed:
         raise LoraFileError(
-            f"{lora.path}: {len(lora.unparsed)} tensors are not LoRA layers this tool knows "
+            f"{lora.path}: {count(len(lora.unparsed), 'tensor')} {'is' if len(lora.unparsed) == 1 else 'are'} not LoRA "
+            "layers this tool knows "
             f"(first: {lora.unparsed[0]!r}); nothing was converted"
         )
     if to == "kohya" and set(lora.spellings) == {"kohya"}:
