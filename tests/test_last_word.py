@@ -375,8 +375,23 @@ def _options():
     for command in SUBCOMMANDS:
         sub = subparsers.choices[command.name]
         for action in sub._actions:
-            if action.option_strings and not isinstance(action, argparse._HelpAction):
+            if action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._AppendAction)):
                 yield pytest.param(command.name, action, id=f"{command.name} {action.option_strings[-1]}")
+
+
+def test_the_options_meant_to_repeat_do():
+    """``scale --block OUT01=0.5 --block IN08=0`` and ``combine --block``/``--weight`` collect every value;
+    they are the only options that may be given twice (a block named twice is refused by the tool)."""
+    parser = build_parser()
+    args = parser.parse_args(["scale", "in.safetensors", "--block", "OUT01=0.5", "--block", "IN08=0", "-o", "o.safetensors"])
+    assert len(args.block) == 2
+    args = parser.parse_args(["combine", "--block", "OUT01=a.safetensors", "--block", "OUT03=b.safetensors",
+                              "--weight", "OUT01=0.5", "--weight", "OUT03=2", "-o", "o.safetensors"])
+    assert len(args.block) == 2 and len(args.weight) == 2
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    repeating = sorted(f"{name} {a.option_strings[-1]}" for name, sub in subparsers.choices.items()
+                       for a in sub._actions if isinstance(a, argparse._AppendAction))
+    assert repeating == ["combine --block", "combine --weight", "scale --block"]
 
 
 @pytest.mark.parametrize("command, action", list(_options()))
