@@ -181,3 +181,31 @@ def test_one_toml_reader():
                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)
                and node.name == "read_toml"]
     assert defined == ["blora_network/tomlfile.py"], defined
+
+
+def test_no_import_cycles():
+    """No two modules import each other, even through others or inside functions (the entry points aside):
+    a cycle inside a layer is where its files stop having one job each."""
+    graph = {m: set() for m in MODULES}
+    for module in MODULES:
+        if module in ENTRY:
+            continue
+        for target, names, _, _ in _imports(module):
+            if target.startswith("blora_network"):
+                graph[module] |= {t for t in _targets(target, names) if t in MODULES and t not in ENTRY} - {module}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, "\n".join(cycles)

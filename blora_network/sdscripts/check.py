@@ -31,9 +31,11 @@ from .args import (
     unknown_keys,
     unrecognized_message,
 )
+from .kohya_gui import gui_run
 from .recipe import PAPER
 
-__all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_command_line", "check_arguments"]
+__all__ = ["Finding", "CheckReport", "check_run", "check_config", "check_gui_config", "check_command_line",
+           "check_arguments"]
 
 MODULE = "blora_network"
 LR_FACTOR = 2.0
@@ -342,10 +344,19 @@ def check_run(args: TrainingArgs) -> CheckReport:
 def check_config(path) -> CheckReport:
     """A training config (TOML), or a kohya_ss GUI config or preset (``.json``)."""
     if str(path).lower().endswith(".json"):
-        from .kohya_gui import check_gui_config
-
         return check_gui_config(path)
     return check_run(config_args(path))
+
+
+def check_gui_config(path) -> CheckReport:
+    """``check CONFIG.json``: the kohya_ss GUI's traps, then every check on the sd-scripts run it starts."""
+    run, traps = gui_run(path)
+    report = check_run(run)
+    report.findings[:0] = [Finding(severity, key, message) for severity, key, message in traps]
+    report.errors = sum(1 for f in report.findings if f.severity == "error")
+    report.warnings = len(report.findings) - report.errors
+    report.exit_status = 1 if report.errors else 0
+    return report
 
 
 def check_command_line(argv) -> CheckReport:

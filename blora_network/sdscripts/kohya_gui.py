@@ -16,8 +16,8 @@ Facts read from the GUI's code at 45088f04 (v26 line; it pins sd-scripts v0.11.1
 - A preset (``presets/lora/user_presets/NAME.json``) or a saved config is read key by key: a key the
   file leaves out keeps the field's current value.
 
-:func:`check_gui_config` turns a saved config or preset into the sd-scripts values the GUI would
-run, names the GUI's traps, then runs every check ``check`` runs on an sd-scripts config.
+:func:`gui_run` turns a saved config or preset into the sd-scripts values the GUI would run and names
+the GUI's traps; ``check`` then runs every check it runs on an sd-scripts config.
 """
 
 from __future__ import annotations
@@ -26,12 +26,15 @@ import json
 import re
 import shlex
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from blora_network.errors import BLoraError
 
+if TYPE_CHECKING:
+    from .args import TrainingArgs
+
 __all__ = ["GUI_COMMIT", "MODULE_WORD", "GUI_LABELS", "gui_words", "read_gui_config", "gui_network_module",
-           "gui_values", "gui_preset", "check_gui_config"]
+           "gui_values", "gui_preset", "gui_run"]
 
 GUI_COMMIT = "45088f04af78e11cec5407ff4652ea3ed2c14422"
 MODULE_WORD = "--network_module=blora_network"
@@ -341,10 +344,11 @@ def _gui_findings(data: Mapping[str, Any], words: list[str], gui_args: list[str]
     return out
 
 
-def check_gui_config(path):
-    """``check CONFIG.json``: the GUI's traps, then every check on the sd-scripts values it would run."""
+def gui_run(path) -> tuple["TrainingArgs", list[tuple[str, str, str]]]:
+    """A saved config or preset as the run it starts: the sd-scripts values (its TOML, with the Additional
+    parameters over it, as sd-scripts reads a command line over ``--config_file``) and the GUI's traps as
+    ``(severity, key, message)``; :func:`blora_network.sdscripts.check.check_gui_config` checks the rest."""
     from .args import TrainingArgs, parse_command_line
-    from .check import Finding, check_run
 
     data = read_gui_config(path)
     values = gui_values(data)
@@ -357,11 +361,6 @@ def check_gui_config(path):
         findings.append(("error", "additional_parameters", str(e)))
     merged = {**values, **typed}  # sd-scripts: the command line over the --config_file
     findings = _gui_findings(data, words, values.get("network_args", []), merged.get("network_module")) + findings
-    report = check_run(TrainingArgs(values=merged, source=f"{path} (kohya_ss GUI config + Additional parameters)",
-                                    from_command_line=False, unknown=[]))
-    report.findings[:0] = [Finding(severity, key, message) for severity, key, message in findings]
-    report.errors = sum(1 for f in report.findings if f.severity == "error")
-    report.warnings = len(report.findings) - report.errors
-    report.exit_status = 1 if report.errors else 0
-    return report
-
+    run = TrainingArgs(values=merged, source=f"{path} (kohya_ss GUI config + Additional parameters)",
+                       from_command_line=False, unknown=[])
+    return run, findings
