@@ -7,18 +7,10 @@ import argparse
 import functools
 import math
 
-from blora_network.sdxl.blocks import SDXL_BLOCKS, lookup_sdxl_block, parse_roles
+from blora_network.sdxl.blocks import SDXL_BLOCKS, lookup_sdxl_block
 
-__all__ = ["roles", "block_names", "block_weight", "block_file", "weight", "positive_int", "positive_number",
-           "output_path", "Once", "refuse_repeats", "add_output_args", "add_dtype_arg", "DTYPE_CHOICES"]
-
-
-def roles(value: str) -> list[str]:
-    """``content,style`` (or LBW names such as ``OUT0,OUT1``) -> ``["content", "style"]``."""
-    try:
-        return parse_roles(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+__all__ = ["block_names", "block_weight", "block_file", "weight", "positive_int", "positive_number",
+           "output_path", "refuse_repeats", "add_output_args", "add_dtype_arg", "DTYPE_CHOICES"]
 
 
 def block_names(value: str) -> list[str]:
@@ -57,12 +49,16 @@ def block_file(value: str) -> tuple[str, str]:
     return _pair(value, "FILE")
 
 
-def weight(value: str) -> float:
-    """A finite number (negative allowed)."""
+def _number(value: str) -> float:
     try:
-        w = float(value)
+        return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+
+
+def weight(value: str) -> float:
+    """A finite number (negative allowed)."""
+    w = _number(value)
     if not math.isfinite(w):
         raise argparse.ArgumentTypeError(f"a weight must be a finite number, not {value!r}")
     return w
@@ -81,10 +77,7 @@ def positive_int(value: str) -> int:
 
 def positive_number(value: str) -> float:
     """A finite number above 0 (a learning rate)."""
-    try:
-        w = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    w = _number(value)
     if not (math.isfinite(w) and w > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {value}")
     return w
@@ -122,13 +115,9 @@ def _shown(option: str, values) -> str:
     return ",".join(map(str, values)) if isinstance(values, list) else str(values)
 
 
-class Once(_OnceMixin, argparse._StoreAction):
-    """An option that may be given once (every option is, through :func:`refuse_repeats`)."""
-
-
 _REPEATABLE = (argparse._AppendAction, argparse._AppendConstAction, argparse._CountAction, argparse._HelpAction,
                argparse._VersionAction, argparse._SubParsersAction)
-"""Actions meant to repeat or that end parsing; none of the subcommands uses append or count today."""
+"""Actions meant to repeat (``scale --block``, ``combine --block``/``--weight``) or that end parsing."""
 
 
 def refuse_repeats(parser: argparse.ArgumentParser) -> None:

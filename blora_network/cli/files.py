@@ -13,7 +13,6 @@ from blora_network.sdxl.blocks import BLOCKS, LAYER_CHOICES, ROLES, SDXL_BLOCKS,
 from blora_network.sdxl.names import WRITE_SPELLINGS
 
 from .args import (
-    Once,
     add_dtype_arg,
     add_output_args,
     block_file,
@@ -189,8 +188,8 @@ def _run_split(args) -> Output:
 
 def _add_combine(p) -> None:
     for role in ROLES:
-        p.add_argument(f"--{role}", metavar="FILE", action=Once, help=f"take the {role} block from FILE")
-        p.add_argument(f"--{role}-weight", type=weight, metavar="W", action=Once,
+        p.add_argument(f"--{role}", metavar="FILE", help=f"take the {role} block from FILE")
+        p.add_argument(f"--{role}-weight", type=weight, metavar="W",
                        help=f"weight of the {role} block (default 1)")
     p.add_argument("--block", type=block_file, action="append", default=[], metavar="NAME=FILE",
                    help=f"take block NAME from FILE (repeat for more blocks): {_BLOCK_HELP}")
@@ -230,13 +229,13 @@ def _run_combine(args) -> Output:
 def _add_scale(p) -> None:
     p.add_argument("file", metavar="FILE")
     for role in ROLES:
-        p.add_argument(f"--{role}", type=weight, metavar="W", action=Once, help=f"weight of the {role} block")
+        p.add_argument(f"--{role}", type=weight, metavar="W", help=f"weight of the {role} block")
     p.add_argument("--block", type=block_weight, action="append", default=[], metavar="NAME=W",
                    help=f"weight of any block, every layer of it (repeat for more): {_BLOCK_HELP}")
-    p.add_argument("--lbw", metavar="VECTOR", action=Once,
+    p.add_argument("--lbw", metavar="VECTOR",
                    help="bake an A1111/Forge LoRA Block Weight SDXL vector (12 values: BASE,IN04,IN05,IN07,IN08,M00,"
                         "OUT00-OUT05; or 20: BASE,IN00-IN08,M00,OUT00-OUT08) as that extension applies it")
-    p.add_argument("--inspire", metavar="VECTOR", action=Once,
+    p.add_argument("--inspire", metavar="VECTOR",
                    help="bake a ComfyUI Inspire Pack block_vector (BASE, then one value per UNet block the file "
                         "holds; 12 values or more) as LoraLoaderBlockWeight applies it")
     add_output_args(p)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
-from blora_network.errors import LoraFileError
+from blora_network.errors import LoraFileError, count
 
 from . import writes
 from .algos import all_finite
@@ -348,8 +348,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             size += n
     if removed:
         names = ", ".join(p.name for p in removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
-        logger.warning("%s: removed %d temporary file%s (%d bytes) left by a killed write: %s", folder, len(removed),
-                       "" if len(removed) == 1 else "s", size, names)
+        logger.warning("%s: removed %s (%d bytes) left by a killed write: %s", folder,
+                       count(len(removed), "temporary file"), size, names)
     return removed
 
 
@@ -369,7 +369,7 @@ def make_folders(folder: Path) -> list[Path]:
             f.mkdir()
         except OSError as e:
             remove_folders(made)
-            raise LoraFileError(f"{f}: cannot create the output folder: {write_error(f, e)}") from None
+            raise write_error(f, e, "cannot create the output folder") from None
         made.append(f)
     return made
 

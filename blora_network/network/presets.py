@@ -26,10 +26,10 @@ from blora_network.sdxl.blocks import (
     ATTENTION_BLOCKS,
     BLOCKS,
     attention_layer_names,
-    block_by_label,
     block_pattern,
     block_pattern_of,
     lookup_block,
+    lookup_sdxl_block,
     parse_sdxl_blocks,
 )
 from blora_network.tomlfile import read_toml
@@ -192,7 +192,7 @@ def builtin_preset_text(name: str) -> str:
 def preset_for_blocks(labels) -> Preset:
     """The preset ``blocks=OUT00,OUT01,OUT03`` stands for: each block's attention layers, with the
     regex the built-ins use (:func:`blora_network.sdxl.blocks.block_pattern_of`), ``ff.net`` and ``proj`` left out."""
-    blocks = [block_by_label(label) for label in labels]
+    blocks = [lookup_sdxl_block(label) for label in labels]  # a label is a block's name (content, OUT03)
     return Preset(name="blocks=" + ",".join(b.name for b in blocks), source="built-in",
                   unet_target_name=tuple(block_pattern_of(b.attention) for b in blocks))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 from .names import ATTENTION_PROJECTIONS, kohya_prefix
 
@@ -35,8 +35,6 @@ __all__ = [
     "lookup_sdxl_block",
     "parse_sdxl_blocks",
     "sdxl_block_of",
-    "label_of_block_path",
-    "block_by_label",
     "block_pattern_of",
     "label_of_kohya_name",
     "Block",
@@ -44,7 +42,6 @@ __all__ = [
     "ROLES",
     "TRANSFORMER_DEPTH",
     "lookup_block",
-    "parse_roles",
     "block_at",
     "block_pattern",
     "attention_layer_names",
@@ -138,7 +135,6 @@ def _aliases(b: SdxlBlock) -> set[str]:
 
 _SDXL_BY_ALIAS = {alias: b for b in SDXL_BLOCKS for alias in _aliases(b)}
 _SDXL_BY_NAME = {b.name: b for b in SDXL_BLOCKS}
-_SDXL_BY_ATTENTION = {b.attention: b for b in ATTENTION_BLOCKS}
 
 
 def lookup_sdxl_block(name: str, *, attention: bool = False, where: str = "") -> SdxlBlock:
@@ -193,18 +189,6 @@ def sdxl_block_of(block_path: str) -> Optional[SdxlBlock]:
     return None
 
 
-def label_of_block_path(block_path: str) -> Optional[str]:
-    """The label of a layer inside a transformer block (``output_blocks.3.1`` -> ``OUT03``,
-    ``output_blocks.0.1`` -> ``content``); None for every layer outside the eleven attention blocks."""
-    b = _SDXL_BY_ATTENTION.get(block_path)
-    return b.label if b else None
-
-
-def block_by_label(label: str) -> SdxlBlock:
-    """The block a label names (``content`` or ``OUT03``): labels are what metadata and options store."""
-    return lookup_sdxl_block(label)
-
-
 @dataclass(frozen=True)
 class Block:
     """One B-LoRA block under the names each tool uses for it (a view of :data:`SDXL_BLOCKS`)."""
@@ -255,21 +239,6 @@ def lookup_block(name: str) -> Block:
         known = ", ".join(f"{b.role} ({b.ldm}, {b.lbw})" for b in BLOCKS)
         raise ValueError(f"unknown B-LoRA block {name!r}; known blocks: {known}")
     return _BY_ROLE[sdxl.role]
-
-
-def parse_roles(spec: str | Iterable[str]) -> list[str]:
-    """``"content,style"`` (or any alias, e.g. ``"OUT0,OUT1"``) -> ``["content", "style"]``."""
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    roles: list[str] = []
-    for item in items:
-        if not item.strip():
-            continue
-        role = lookup_block(item).role
-        if role not in roles:
-            roles.append(role)
-    if not roles:
-        raise ValueError("no B-LoRA block named; use content, style and/or layout")
-    return roles
 
 
 def block_at(ldm_path: str) -> Optional[Block]:
