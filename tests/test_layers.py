@@ -34,7 +34,8 @@ TORCH_FREE = [
     "blora_network.files", "blora_network.files.writes", "blora_network.tools",
     "blora_network.sdscripts", "blora_network.sdscripts.args", "blora_network.sdscripts.images",
     "blora_network.sdscripts.recipe", "blora_network.sdscripts.check", "blora_network.sdscripts.kohya_gui",
-    "blora_network.cli", "blora_network.cli.main", "blora_network.cli.args",
+    "blora_network.cli", "blora_network.cli.main", "blora_network.cli.args", "blora_network.cli.subcommand",
+    "blora_network.cli.files", "blora_network.cli.training",
 ]
 HEAVY = ("torch", "lycoris", "safetensors", "numpy", "matplotlib", "PIL")
 
